@@ -1,0 +1,107 @@
+//! Command line: `serve | demo | validate | keys ...`, parsed with clap derive.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Exit code for usage errors and invalid config.
+pub const EXIT_INVALID: u8 = 2;
+/// Exit code for runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// keygate: an API gateway that lets through only requests with a valid, scoped API key.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file.
+        #[arg(long, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+        config: PathBuf,
+    },
+    /// Zero-setup first run: an echo upstream, a fresh demo key, ready-to-paste curl commands.
+    Demo {
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Check the config and its key file; lists every problem as file:line:column: message.
+    Validate {
+        /// Config file.
+        #[arg(long, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+        config: PathBuf,
+    },
+    /// Manage API keys.
+    Keys(crate::keyadmin::KeysArgs),
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(crate::demo::run(listen))),
+        Command::Validate { config } => return validate(&config),
+        Command::Keys(args) => return crate::keyadmin::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(crate::ServeError::Invalid(problems)) = e.downcast_ref::<crate::ServeError>() {
+                eprintln!("{problems}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            eprintln!("keygate: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<()> {
+    // Fail fast on a bad config before binding anything.
+    let config = crate::config::Config::load(config_path).map_err(crate::ServeError::from)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        crate::serve(config_path, listener, crate::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn validate(config_path: &Path) -> ExitCode {
+    let problems = match crate::config::Config::load(config_path) {
+        Err(p) => p.0,
+        Ok(config) => match crate::keys::load_key_file(&config.keys_file) {
+            Err(p) => p.0,
+            Ok(_) => Vec::new(),
+        },
+    };
+    if problems.is_empty() {
+        println!("{}: ok", config_path.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        eprintln!("{} problem(s) found", problems.len());
+        ExitCode::from(EXIT_INVALID)
+    }
+}

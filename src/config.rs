@@ -1,0 +1,544 @@
+//! Config file: YAML -> raw structs -> `validate()` -> a checked [`Config`].
+//!
+//! Every problem carries file:line:column, and validation reports all of them at once.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::routes::{HostMatch, Route, RouteTable, Upstream};
+
+/// One problem found in a config or key file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, 0 when the problem has no position (unreadable file).
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem at a YAML location.
+    pub fn at(file: &Path, loc: serde_saphyr::Location, message: impl Into<String>) -> Self {
+        Problem {
+            file: file.to_path_buf(),
+            line: loc.line(),
+            column: loc.column(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with the file as a whole.
+    pub fn whole(file: &Path, message: impl Into<String>) -> Self {
+        Problem {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: message.into(),
+        }
+    }
+
+    /// A YAML syntax or shape error, with the location the parser gave.
+    pub fn from_yaml(file: &Path, err: &serde_saphyr::Error) -> Self {
+        let err = err.without_snippet();
+        let text = err.to_string();
+        // The parser appends " at line L, column C"; the location is printed in front instead.
+        let message = match text.rfind(" at line ") {
+            Some(i) => text[..i].to_string(),
+            None => text,
+        };
+        match err.location() {
+            Some(loc) => Problem::at(file, loc, message),
+            None => Problem::whole(file, message),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        } else {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        }
+    }
+}
+
+/// All problems found in one load; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Names of the headers that tell the upstream who called.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    /// Carries the key id.
+    pub key_id: HeaderName,
+    /// Carries the key's service account.
+    pub service_account: HeaderName,
+}
+
+/// A checked configuration, ready to serve.
+#[derive(Debug)]
+pub struct Config {
+    /// The config file this came from.
+    pub path: PathBuf,
+    /// Address the gateway listens on.
+    pub listen: SocketAddr,
+    /// The key file, resolved against the config's folder.
+    pub keys_file: PathBuf,
+    /// Where last-used times are persisted.
+    pub state_file: PathBuf,
+    /// Realm named in `WWW-Authenticate`.
+    pub realm: String,
+    /// Prebuilt `WWW-Authenticate` value for every 401.
+    pub www_authenticate: HeaderValue,
+    /// Identity header names.
+    pub identity: IdentityHeaders,
+    /// Scopes that `keys create` accepts, when the operator lists them.
+    pub known_scopes: Option<Vec<String>>,
+    /// The compiled route table.
+    pub routes: RouteTable,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    keys_file: Spanned<String>,
+    state_file: Option<Spanned<String>>,
+    realm: Option<Spanned<String>>,
+    identity_headers: Option<RawIdentity>,
+    known_scopes: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    key_id: Option<Spanned<String>>,
+    service_account: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    path_prefix: Spanned<String>,
+    host: Option<Spanned<String>>,
+    methods: Option<Vec<Spanned<String>>>,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    scopes: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    public: Option<Spanned<bool>>,
+}
+
+/// Default listen address when the config names none.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Parses a duration written as `500ms`, `30s`, `2m`, `1h`, `90d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.is_empty() || !t.as_bytes()[0].is_ascii_digit() {
+        return Err(format!("invalid duration {text:?}: expected e.g. 500ms, 30s, 2m, 90d"));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration {text:?}: {e} (expected e.g. 500ms, 30s, 2m, 90d)"))
+}
+
+/// Scope names: dot-separated words, optionally ending in `.*`, or `*` alone.
+pub fn check_scope(scope: &str) -> Result<(), String> {
+    let body = scope.strip_suffix(".*").unwrap_or(scope);
+    let ok = scope == "*"
+        || (!body.is_empty()
+            && body.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid scope {scope:?}: expected dot-separated words like yc.postbox.send"
+        ))
+    }
+}
+
+impl Config {
+    /// Reads and checks the config file (not the key file).
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read: {e}"))]))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and checks config text that came from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Problems> {
+        let raw: RawConfig = serde_saphyr::from_str(text)
+            .map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
+        validate(path, raw)
+    }
+}
+
+fn resolve(base: &Path, rel: &str) -> PathBuf {
+    let p = Path::new(rel);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
+    let mut problems = Vec::new();
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+
+    let listen = match &raw.listen {
+        Some(l) => l.value.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.push(Problem::at(
+                path,
+                l.referenced,
+                format!("invalid listen address {:?}: expected IP:PORT", l.value),
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }),
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
+
+    if raw.keys_file.value.trim().is_empty() {
+        problems.push(Problem::at(path, raw.keys_file.referenced, "keys_file is empty"));
+    }
+    let keys_file = resolve(&base, &raw.keys_file.value);
+    let state_file = match &raw.state_file {
+        Some(s) => resolve(&base, &s.value),
+        None => keys_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("keys-state.json"),
+    };
+
+    let realm = raw
+        .realm
+        .as_ref()
+        .map(|r| r.value.clone())
+        .unwrap_or_else(|| "keygate".to_string());
+    let www = format!("Api-Key realm=\"{}\"", realm.replace(['"', '\\'], ""));
+    let www_authenticate = HeaderValue::from_str(&www).unwrap_or_else(|_| {
+        if let Some(r) = &raw.realm {
+            problems.push(Problem::at(
+                path,
+                r.referenced,
+                "realm must be printable ASCII",
+            ));
+        }
+        HeaderValue::from_static("Api-Key realm=\"keygate\"")
+    });
+
+    let mut header = |v: Option<&Spanned<String>>, default: &'static str| match v {
+        None => HeaderName::from_static(default),
+        Some(s) => HeaderName::from_bytes(s.value.as_bytes()).unwrap_or_else(|_| {
+            problems.push(Problem::at(
+                path,
+                s.referenced,
+                format!("invalid header name {:?}", s.value),
+            ));
+            HeaderName::from_static(default)
+        }),
+    };
+    let ident = raw.identity_headers.as_ref();
+    let identity = IdentityHeaders {
+        key_id: header(ident.and_then(|i| i.key_id.as_ref()), "x-api-key-id"),
+        service_account: header(
+            ident.and_then(|i| i.service_account.as_ref()),
+            "x-service-account",
+        ),
+    };
+    for (name, spanned) in [
+        (&identity.key_id, ident.and_then(|i| i.key_id.as_ref())),
+        (
+            &identity.service_account,
+            ident.and_then(|i| i.service_account.as_ref()),
+        ),
+    ] {
+        if crate::headers::is_reserved(name) {
+            if let Some(s) = spanned {
+                problems.push(Problem::at(
+                    path,
+                    s.referenced,
+                    format!("identity header {name} would clash with a header the gateway manages"),
+                ));
+            }
+        }
+    }
+    if identity.key_id == identity.service_account {
+        problems.push(Problem::whole(
+            path,
+            "identity_headers.key_id and identity_headers.service_account must differ",
+        ));
+    }
+
+    let known_scopes = raw.known_scopes.as_ref().map(|list| {
+        list.iter()
+            .filter_map(|s| match check_scope(&s.value) {
+                Ok(()) => Some(s.value.clone()),
+                Err(e) => {
+                    problems.push(Problem::at(path, s.referenced, e));
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut names: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for r in &raw.routes {
+        let loc = r.referenced;
+        let r = &r.value;
+        if let Some(first) = names.insert(r.name.value.clone(), r.name.referenced.line()) {
+            problems.push(Problem::at(
+                path,
+                r.name.referenced,
+                format!(
+                    "duplicate route name {:?} (first declared on line {first})",
+                    r.name.value
+                ),
+            ));
+        }
+        if let Some(route) = check_route(path, loc, r, known_scopes.as_deref(), &mut problems) {
+            routes.push(route);
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        listen,
+        keys_file,
+        state_file,
+        realm,
+        www_authenticate,
+        identity,
+        known_scopes,
+        routes: RouteTable::new(routes),
+    })
+}
+
+fn check_route(
+    path: &Path,
+    loc: serde_saphyr::Location,
+    r: &RawRoute,
+    known_scopes: Option<&[String]>,
+    problems: &mut Vec<Problem>,
+) -> Option<Route> {
+    let before = problems.len();
+    let mut bad = |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
+
+    if r.name.value.trim().is_empty() {
+        bad(&r.name, "route name is empty".into());
+    }
+    let prefix = &r.path_prefix.value;
+    let prefix_ok = prefix.starts_with('/')
+        && matches!(crate::path::normalize(prefix), Ok(std::borrow::Cow::Borrowed(_)));
+    if !prefix_ok {
+        bad(
+            &r.path_prefix,
+            format!("path_prefix {prefix:?} must be a normalized absolute path like /api/"),
+        );
+    }
+
+    let host = r.host.as_ref().and_then(|h| match HostMatch::parse(&h.value) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            bad(h, e);
+            None
+        }
+    });
+
+    let methods = r.methods.as_ref().map(|ms| {
+        ms.iter()
+            .filter_map(|m| {
+                let upper = m.value.to_ascii_uppercase();
+                match Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if upper.bytes().all(|b| b.is_ascii_uppercase()) => Some(method),
+                    _ => {
+                        bad(m, format!("invalid HTTP method {:?}", m.value));
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    if let Some(ms) = &r.methods {
+        if ms.is_empty() {
+            problems.push(Problem::at(
+                path,
+                loc,
+                format!("route {:?}: methods is empty; omit it to allow every method", r.name.value),
+            ));
+        }
+    }
+
+    let upstream = match Upstream::parse(&r.upstream.value) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            problems.push(Problem::at(path, r.upstream.referenced, e));
+            None
+        }
+    };
+
+    let mut scopes = Vec::with_capacity(r.scopes.len());
+    for s in &r.scopes {
+        if let Err(e) = check_scope(&s.value) {
+            problems.push(Problem::at(path, s.referenced, e));
+        } else if s.value.ends_with('*') {
+            problems.push(Problem::at(
+                path,
+                s.referenced,
+                format!("route scope {:?} must be a concrete scope, not a wildcard", s.value),
+            ));
+        } else if let Some(known) = known_scopes {
+            if !known.iter().any(|k| k == &s.value) {
+                problems.push(Problem::at(
+                    path,
+                    s.referenced,
+                    format!("scope {:?} is not in known_scopes", s.value),
+                ));
+            }
+        }
+        scopes.push(s.value.clone());
+    }
+
+    let public = r.public.as_ref().is_some_and(|p| p.value);
+    if public && !r.scopes.is_empty() {
+        if let Some(p) = &r.public {
+            problems.push(Problem::at(
+                path,
+                p.referenced,
+                format!(
+                    "route {:?} is public but lists scopes; a public route checks no key",
+                    r.name.value
+                ),
+            ));
+        }
+    }
+
+    let timeout = r.timeout.as_ref().and_then(|t| match parse_duration(&t.value) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            problems.push(Problem::at(path, t.referenced, "timeout must be greater than zero"));
+            None
+        }
+        Err(e) => {
+            problems.push(Problem::at(path, t.referenced, e));
+            None
+        }
+    });
+
+    if problems.len() != before {
+        return None;
+    }
+    let upstream = upstream?;
+    Some(Route {
+        name: r.name.value.clone(),
+        path_prefix: prefix.clone(),
+        host,
+        methods,
+        upstream,
+        strip_prefix: r.strip_prefix,
+        scopes,
+        timeout,
+        public,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Problems> {
+        Config::parse(Path::new("cfg/keygate.yaml"), text)
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = parse(
+            "listen: 127.0.0.1:8080\nkeys_file: keys.yaml\nrealm: keygate\nroutes:\n  - name: postbox\n    path_prefix: /postbox/\n    host: api.example.com\n    methods: [POST]\n    upstream: http://127.0.0.1:9001\n    scopes: [yc.postbox.send]\n    timeout: 30s\n  - name: health\n    path_prefix: /health\n    upstream: http://127.0.0.1:9002\n    public: true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.keys_file, PathBuf::from("cfg/keys.yaml"));
+        assert_eq!(cfg.state_file, PathBuf::from("cfg/keys-state.json"));
+        assert_eq!(cfg.routes.len(), 2);
+    }
+
+    #[test]
+    fn all_problems_reported_with_positions() {
+        let err = parse(
+            "keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: ftp://x\n    timeout: soon\n  - name: a\n    path_prefix: b\n    upstream: http://127.0.0.1:1\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("cfg/keygate.yaml:5:15:"), "{text}");
+        assert!(text.contains("cfg/keygate.yaml:6:14:"), "{text}");
+        assert!(text.contains("cfg/keygate.yaml:7:11: duplicate route name"), "{text}");
+        assert!(text.contains("cfg/keygate.yaml:8:18:"), "{text}");
+        assert_eq!(err.0.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = parse("keys_file: k.yaml\nlisten_addr: 1\n").unwrap_err();
+        assert_eq!(err.0[0].line, 2);
+        let err = parse("keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://a:1\n    scope: [x]\n").unwrap_err();
+        assert_eq!(err.0[0].line, 6);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! The one place where errors become responses: JSON for HTTP clients, gRPC status for gRPC.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use crate::auth::AuthError;
+use crate::forward::ForwardError;
+use crate::path::PathError;
+
+/// Everything the request path can answer instead of forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Malformed request.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// Unsafe or malformed path.
+    #[error("{0}")]
+    Path(#[from] PathError),
+    /// No route matches host, method and path.
+    #[error("no route matches this request")]
+    NoRoute,
+    /// Key problems.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Upstream problems.
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+/// gRPC status codes used here.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+enum GrpcStatus {
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    PermissionDenied = 7,
+    Unimplemented = 12,
+    Unavailable = 14,
+    Unauthenticated = 16,
+}
+
+impl GatewayError {
+    /// Status, machine-readable code and gRPC status, in one exhaustive match.
+    fn classify(&self) -> (StatusCode, &'static str, GrpcStatus) {
+        match self {
+            GatewayError::BadRequest(_) | GatewayError::Path(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request", GrpcStatus::InvalidArgument)
+            }
+            GatewayError::NoRoute => (StatusCode::NOT_FOUND, "no_route", GrpcStatus::Unimplemented),
+            GatewayError::Auth(a) => match a {
+                AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_api_key", GrpcStatus::Unauthenticated),
+                AuthError::Invalid => (StatusCode::UNAUTHORIZED, "invalid_api_key", GrpcStatus::Unauthenticated),
+                AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_api_key", GrpcStatus::Unauthenticated),
+                AuthError::Revoked => (StatusCode::UNAUTHORIZED, "revoked_api_key", GrpcStatus::Unauthenticated),
+                AuthError::InsufficientScope(_) => {
+                    (StatusCode::FORBIDDEN, "insufficient_scope", GrpcStatus::PermissionDenied)
+                }
+            },
+            GatewayError::Forward(f) => match f {
+                ForwardError::Unavailable => {
+                    (StatusCode::BAD_GATEWAY, "upstream_unavailable", GrpcStatus::Unavailable)
+                }
+                ForwardError::Timeout => {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", GrpcStatus::DeadlineExceeded)
+                }
+            },
+        }
+    }
+
+    /// The machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        self.classify().1
+    }
+
+    /// The HTTP status this error is answered with (for JSON clients).
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+/// Builds the response for an error; `www_authenticate` goes on every 401.
+pub fn response(err: &GatewayError, www_authenticate: &HeaderValue, grpc: bool) -> Response<Full<Bytes>> {
+    let (status, code, grpc_status) = err.classify();
+    let message = err.to_string();
+    if grpc {
+        return grpc_response(grpc_status, &message);
+    }
+    let body = serde_json::to_vec(&ErrorBody {
+        error: code,
+        message: &message,
+    })
+    .unwrap_or_else(|_| br#"{"error":"internal","message":"error"}"#.to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, www_authenticate.clone());
+    }
+    resp
+}
+
+/// A trailers-only gRPC answer: HTTP 200 with `grpc-status` and `grpc-message`.
+fn grpc_response(status: GrpcStatus, message: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(status as u16));
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// gRPC's percent-encoding of `grpc-message` (space and visible ASCII except `%` stay).
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// True for requests from gRPC clients, which get gRPC-native errors.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

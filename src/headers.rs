@@ -1,0 +1,232 @@
+//! Header rules as pure functions over `HeaderMap`: hop-by-hop removal (RFC 9110 7.6.1),
+//! identity headers, and `X-Forwarded-*` / `X-Request-Id`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers that never cross the gateway (RFC 9110 7.6.1, plus legacy ones).
+static HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
+/// True for names the gateway owns and an identity header must not reuse.
+pub fn is_reserved(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || [
+            &header::AUTHORIZATION,
+            &header::HOST,
+            &header::TE,
+            &header::CONTENT_LENGTH,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REQUEST_ID,
+        ]
+        .contains(&name)
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+///
+/// `TE: trailers` survives on requests because gRPC servers refuse calls without it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            // Connection may not be used to strip what the gateway itself sets.
+            if !is_reserved(&name) || HOP_BY_HOP.contains(&&name) {
+                headers.remove(&name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        let wants_trailers = is_request
+            && te
+                .to_str()
+                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+                .unwrap_or(false);
+        if wants_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Sets `X-Forwarded-For` (client appended), `-Proto` and `-Host`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: Option<&HeaderValue>) {
+    let mut ip_buf = [0u8; 64];
+    let ip = format_ip(client, &mut ip_buf);
+    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if !prev.is_empty() && headers.get_all(&X_FORWARDED_FOR).iter().count() == 1 => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_bytes(&v)
+        }
+        _ => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(v) = xff {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    match host {
+        Some(h) => {
+            headers.insert(&X_FORWARDED_HOST, h.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+}
+
+fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let n = usize::try_from(cursor.position()).unwrap_or(0);
+    &buf[..n]
+}
+
+/// Keeps a client's `X-Request-Id` when it is sane, else generates one; returns the value.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (ids.next(), ids.next()) {
+        let ok = !v.is_empty()
+            && v.len() <= 200
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        if ok {
+            return v.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(&X_REQUEST_ID, id.clone());
+    id
+}
+
+/// A unique request id: a random per-process prefix and a counter, as 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut b = [0u8; 8];
+        // Uniqueness, not secrecy, is needed; fall back to the clock if the OS RNG fails.
+        if getrandom::fill(&mut b).is_err() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            b = now.to_le_bytes();
+        }
+        u64::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 32];
+    let hex = b"0123456789abcdef";
+    for (i, byte) in seed.to_be_bytes().iter().chain(n.to_be_bytes().iter()).enumerate() {
+        buf[2 * i] = hex[usize::from(byte >> 4)];
+        buf[2 * i + 1] = hex[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_are_removed() {
+        let mut m = map(&[
+            ("connection", "close, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("x-keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut m, true);
+        assert_eq!(m.len(), 1);
+        assert!(m.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn connection_cannot_strip_gateway_headers() {
+        let mut m = map(&[("connection", "x-forwarded-for"), ("x-forwarded-for", "1.2.3.4")]);
+        strip_hop_by_hop(&mut m, true);
+        assert!(m.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn te_trailers_survives_on_requests_only() {
+        let mut m = map(&[("te", "trailers, deflate")]);
+        strip_hop_by_hop(&mut m, true);
+        assert_eq!(m.get("te").unwrap(), "trailers");
+        let mut m = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut m, true);
+        assert!(!m.contains_key("te"));
+        let mut m = map(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut m, false);
+        assert!(!m.contains_key("te"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut m = map(&[("x-forwarded-for", "10.0.0.1")]);
+        set_forwarded(&mut m, "127.0.0.1".parse().unwrap(), false, Some(&HeaderValue::from_static("h")));
+        assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "h");
+    }
+
+    #[test]
+    fn request_id_kept_or_generated() {
+        let mut m = map(&[("x-request-id", "abc-1")]);
+        assert_eq!(ensure_request_id(&mut m), "abc-1");
+        let mut m = HeaderMap::new();
+        let a = ensure_request_id(&mut m);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_request_id());
+    }
+}

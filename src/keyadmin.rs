@@ -1,0 +1,512 @@
+//! `keygate keys ...`: create, list, revoke, rotate, hash and import keys in the key file.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::cli::{EXIT_FAILURE, EXIT_INVALID};
+use crate::config::{check_scope, Config};
+use crate::keyfile::{self, KeyFileError};
+use crate::keys::{self, KeyRecord};
+use crate::state;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// Options shared by every `keys` command.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Config file whose `keys_file` to manage.
+    #[arg(long, global = true, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+    pub config: PathBuf,
+    /// Key file to manage directly (instead of the config's).
+    #[arg(long, global = true)]
+    pub keys_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// The command.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a key, store its hash, print the secret once.
+    Create {
+        /// Service account the key acts as.
+        #[arg(long)]
+        service_account: String,
+        /// A scope to grant (repeat for more).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. 90d, 12h.
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Expiry as RFC 3339.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List keys (never hashes or secrets).
+    List,
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+    /// Reissue a key; the old one expires after the grace period (or is revoked now).
+    Rotate {
+        /// Key id.
+        id: String,
+        /// How long the old key keeps working, e.g. 24h.
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Read one key from stdin and print its sha256: hash line.
+    Hash,
+    /// Add an entry for a key issued elsewhere, by hash.
+    Import {
+        /// sha256:<64 hex>.
+        #[arg(long)]
+        hash: String,
+        /// Service account the key acts as.
+        #[arg(long)]
+        service_account: String,
+        /// A scope to grant (repeat for more).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Id to use (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// Lifetime, e.g. 90d.
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Expiry as RFC 3339.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+    },
+}
+
+/// A failure with its exit code; printed as one line.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_INVALID,
+        message: message.into(),
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_FAILURE,
+        message: message.into(),
+    }
+}
+
+impl From<KeyFileError> for Failure {
+    fn from(e: KeyFileError) -> Self {
+        match e {
+            KeyFileError::Invalid(p) => Failure {
+                code: EXIT_INVALID,
+                message: p.to_string().replace('\n', "; "),
+            },
+            e @ KeyFileError::Io { .. } => failure(e.to_string()),
+        }
+    }
+}
+
+/// Runs a `keys` command and returns the exit code.
+pub fn run(args: KeysArgs) -> ExitCode {
+    match execute(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("keygate: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Where the key file, state file and known scopes come from.
+struct Target {
+    keys_file: PathBuf,
+    state_file: PathBuf,
+    known_scopes: Option<Vec<String>>,
+}
+
+fn target(args: &KeysArgs) -> Result<Target, Failure> {
+    if let Some(path) = &args.keys_file {
+        let state_file = path
+            .parent()
+            .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d.to_path_buf() })
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("keys-state.json");
+        return Ok(Target {
+            keys_file: path.clone(),
+            state_file,
+            known_scopes: None,
+        });
+    }
+    let config = Config::load(&args.config).map_err(|p| Failure {
+        code: EXIT_INVALID,
+        message: p.to_string().replace('\n', "; "),
+    })?;
+    Ok(Target {
+        keys_file: config.keys_file.clone(),
+        state_file: config.state_file.clone(),
+        known_scopes: config.known_scopes.clone(),
+    })
+}
+
+fn check_scopes(scopes: &[String], known: Option<&[String]>) -> Result<(), Failure> {
+    for s in scopes {
+        check_scope(s).map_err(usage)?;
+        if let Some(known) = known {
+            let covered = known.iter().any(|k| keys::Grant::parse(s).covers(k) || k == s);
+            if !covered {
+                let closest = known
+                    .iter()
+                    .min_by_key(|k| strsim::levenshtein(k, s))
+                    .map(|k| format!("; did you mean {k:?}?"))
+                    .unwrap_or_default();
+                return Err(usage(format!("unknown scope {s:?}{closest}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn expiry(
+    now: OffsetDateTime,
+    expires_in: Option<&str>,
+    expires_at: Option<&str>,
+) -> Result<Option<OffsetDateTime>, Failure> {
+    if let Some(d) = expires_in {
+        let d = crate::config::parse_duration(d).map_err(|e| usage(format!("--expires-in: {e}")))?;
+        let d = time::Duration::try_from(d).map_err(|_| usage("--expires-in: too long"))?;
+        return now
+            .checked_add(d)
+            .map(Some)
+            .ok_or_else(|| usage("--expires-in: too long"));
+    }
+    if let Some(t) = expires_at {
+        let t = keys::parse_time(t).map_err(|e| usage(format!("--expires-at: {e}")))?;
+        if t <= now {
+            return Err(usage("--expires-at: that time is in the past"));
+        }
+        return Ok(Some(t));
+    }
+    Ok(None)
+}
+
+/// A fresh key id: 12 base62 characters, starting with a letter.
+fn new_id(existing: &[KeyRecord]) -> Result<String, Failure> {
+    loop {
+        let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+        // The body of a fresh key is uniform base62; its middle makes a good id.
+        let id: String = key[3..].chars().skip_while(|c| !c.is_ascii_alphabetic()).take(12).collect();
+        if id.len() == 12 && !existing.iter().any(|r| r.id == id) {
+            return Ok(id);
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Issued<'a> {
+    id: &'a str,
+    key: &'a str,
+    service_account: &'a str,
+    scopes: &'a [String],
+    created_at: String,
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaces: Option<&'a str>,
+}
+
+fn print_issued(out: Output, rec: &KeyRecord, key: &str, replaces: Option<&str>) {
+    match out {
+        Output::Text => {
+            println!("{key}");
+            eprintln!(
+                "Created key {} for {}. Store the secret now: it cannot be shown again.",
+                rec.id, rec.service_account
+            );
+        }
+        Output::Json => {
+            let doc = Issued {
+                id: &rec.id,
+                key,
+                service_account: &rec.service_account,
+                scopes: &rec.scopes,
+                created_at: rec.created_at.map(keys::format_time).unwrap_or_default(),
+                expires_at: rec.expires_at.map(keys::format_time),
+                replaces,
+            };
+            println!("{}", serde_json::to_string(&doc).unwrap_or_default());
+        }
+    }
+}
+
+/// The status `list` shows.
+pub fn status(rec: &KeyRecord, now: OffsetDateTime) -> &'static str {
+    if rec.revoked_at.is_some() {
+        "revoked"
+    } else if rec.expires_at.is_some_and(|t| t <= now) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+fn execute(args: &KeysArgs) -> Result<(), Failure> {
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::now_utc());
+    if let KeysCommand::Hash = args.command {
+        let mut input = String::new();
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(|e| failure(format!("cannot read stdin: {e}")))?;
+        let key = input.trim_end_matches(['\n', '\r']);
+        if key.is_empty() || key.contains(['\n', ' ', '\t']) {
+            return Err(usage("expected exactly one key on stdin"));
+        }
+        println!("{}", keys::hash_line(key.as_bytes()));
+        return Ok(());
+    }
+    let t = target(args)?;
+    match &args.command {
+        KeysCommand::Hash => Ok(()),
+        KeysCommand::Create {
+            service_account,
+            scopes,
+            expires_in,
+            expires_at,
+            description,
+        } => {
+            if !keys::valid_service_account(service_account) {
+                return Err(usage("--service-account: expected visible ASCII without spaces"));
+            }
+            check_scopes(scopes, t.known_scopes.as_deref())?;
+            let expires_at = expiry(now, expires_in.as_deref(), expires_at.as_deref())?;
+            let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+            let rec = keyfile::update(&t.keys_file, |records| {
+                let rec = KeyRecord {
+                    id: new_id(records).map_err(|f| f.message)?,
+                    hash: keys::digest(key.as_bytes()),
+                    service_account: service_account.clone(),
+                    scopes: scopes.clone(),
+                    description: description.clone(),
+                    created_at: Some(now),
+                    expires_at,
+                    revoked_at: None,
+                };
+                records.push(rec.clone());
+                Ok(rec)
+            })?
+            .map_err(failure)?;
+            print_issued(args.output, &rec, &key, None);
+            Ok(())
+        }
+        KeysCommand::Import {
+            hash,
+            service_account,
+            scopes,
+            id,
+            expires_in,
+            expires_at,
+            description,
+        } => {
+            let digest = keys::parse_hash(hash)
+                .ok_or_else(|| usage("--hash: expected sha256: followed by 64 lowercase hex digits"))?;
+            if !keys::valid_service_account(service_account) {
+                return Err(usage("--service-account: expected visible ASCII without spaces"));
+            }
+            if let Some(id) = id {
+                if !keys::valid_id(id) {
+                    return Err(usage("--id: use letters, digits, '-', '_', '.'"));
+                }
+            }
+            check_scopes(scopes, t.known_scopes.as_deref())?;
+            let expires_at = expiry(now, expires_in.as_deref(), expires_at.as_deref())?;
+            let rec = keyfile::update(&t.keys_file, |records| {
+                if records.iter().any(|r| r.hash == digest) {
+                    return Err("a key with this hash is already in the key file".to_string());
+                }
+                let id = match id {
+                    Some(id) if records.iter().any(|r| &r.id == id) => {
+                        return Err(format!("key id {id:?} already exists"))
+                    }
+                    Some(id) => id.clone(),
+                    None => new_id(records).map_err(|f| f.message)?,
+                };
+                let rec = KeyRecord {
+                    id,
+                    hash: digest,
+                    service_account: service_account.clone(),
+                    scopes: scopes.clone(),
+                    description: description.clone(),
+                    created_at: Some(now),
+                    expires_at,
+                    revoked_at: None,
+                };
+                records.push(rec.clone());
+                Ok(rec)
+            })?
+            .map_err(failure)?;
+            match args.output {
+                Output::Text => println!("{}", rec.id),
+                Output::Json => println!("{}", list_json(&[rec], &state::State::default(), now)),
+            }
+            Ok(())
+        }
+        KeysCommand::List => {
+            let records = keyfile::read(&t.keys_file)?;
+            let st = state::load(&t.state_file);
+            match args.output {
+                Output::Json => println!("{}", list_json(&records, &st, now)),
+                Output::Text => print!("{}", list_text(&records, &st, now)),
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { id } => {
+            let rec = keyfile::update(&t.keys_file, |records| {
+                let rec = records
+                    .iter_mut()
+                    .find(|r| &r.id == id)
+                    .ok_or_else(|| format!("no key with id {id:?}"))?;
+                // Revoking twice keeps the first revocation time.
+                rec.revoked_at.get_or_insert(now);
+                Ok(rec.clone())
+            })?
+            .map_err(failure)?;
+            let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
+            match args.output {
+                Output::Text => println!("revoked {} at {at}", rec.id),
+                Output::Json => println!("{}", serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})),
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate { id, grace } => {
+            let grace = match grace {
+                Some(g) => {
+                    let d = crate::config::parse_duration(g).map_err(|e| usage(format!("--grace: {e}")))?;
+                    Some(time::Duration::try_from(d).map_err(|_| usage("--grace: too long"))?)
+                }
+                None => None,
+            };
+            let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+            let rec = keyfile::update(&t.keys_file, |records| {
+                let old = records
+                    .iter_mut()
+                    .find(|r| &r.id == id)
+                    .ok_or_else(|| format!("no key with id {id:?}"))?;
+                let fresh = KeyRecord {
+                    id: String::new(),
+                    hash: keys::digest(key.as_bytes()),
+                    service_account: old.service_account.clone(),
+                    scopes: old.scopes.clone(),
+                    description: old.description.clone(),
+                    created_at: Some(now),
+                    expires_at: old.expires_at,
+                    revoked_at: None,
+                };
+                match grace {
+                    Some(g) => {
+                        let until = now.checked_add(g).ok_or("--grace: too long")?;
+                        old.expires_at = Some(old.expires_at.map_or(until, |e| e.min(until)));
+                    }
+                    None => {
+                        old.revoked_at.get_or_insert(now);
+                    }
+                }
+                let fresh = KeyRecord {
+                    id: new_id(records).map_err(|f| f.message)?,
+                    ..fresh
+                };
+                records.push(fresh.clone());
+                Ok(fresh)
+            })?
+            .map_err(failure)?;
+            print_issued(args.output, &rec, &key, Some(id));
+            Ok(())
+        }
+    }
+}
+
+fn last_used_text(st: &state::State, id: &str) -> Option<String> {
+    state::last_used_secs(st, id)
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        .map(keys::format_time)
+}
+
+fn list_json(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> String {
+    let rows: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id": r.id,
+                "service_account": r.service_account,
+                "scopes": r.scopes,
+                "description": r.description,
+                "created_at": r.created_at.map(keys::format_time),
+                "expires_at": r.expires_at.map(keys::format_time),
+                "revoked_at": r.revoked_at.map(keys::format_time),
+                "last_used": last_used_text(st, &r.id),
+                "status": status(r, now),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
+}
+
+fn list_text(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> String {
+    let header = ["ID", "SERVICE ACCOUNT", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS"];
+    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+    for r in records {
+        rows.push([
+            r.id.clone(),
+            r.service_account.clone(),
+            r.scopes.join(","),
+            r.created_at.map(keys::format_time).unwrap_or_else(|| "-".into()),
+            r.expires_at.map(keys::format_time).unwrap_or_else(|| "never".into()),
+            last_used_text(st, &r.id).unwrap_or_else(|| "never".into()),
+            status(r, now).to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

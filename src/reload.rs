@@ -1,0 +1,241 @@
+//! Snapshots and hot reload: watch the config and key files, parse and validate off the
+//! request path, swap the snapshot atomically. A bad file keeps the last good snapshot.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, Problem, Problems};
+use crate::keys::{self, KeyStore};
+
+/// Everything one request needs, immutable; requests keep the one they started with.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Routes and settings.
+    pub config: Arc<Config>,
+    /// Keys by hash.
+    pub keys: Arc<KeyStore>,
+}
+
+/// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprints {
+    config: [u8; 32],
+    keys: [u8; 32],
+    keys_path: PathBuf,
+}
+
+/// Counters of reload outcomes, by file.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Config reloads swapped in.
+    pub config_ok: AtomicU64,
+    /// Config reloads rejected.
+    pub config_err: AtomicU64,
+    /// Key file reloads swapped in.
+    pub keys_ok: AtomicU64,
+    /// Key file reloads rejected.
+    pub keys_err: AtomicU64,
+}
+
+/// How often files are re-hashed even without a change notification.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
+/// Quiet time after an event before reading, so a burst of writes reads once.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read {what}: {e}"))]))?;
+    if meta.is_dir() {
+        return Err(Problems(vec![Problem::whole(
+            path,
+            format!("cannot read {what}: it is a directory"),
+        )]));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read {what}: {e}"))]))?;
+    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Problems(vec![Problem::whole(path, format!("{what} is not UTF-8"))]))?;
+    Ok((text, hash))
+}
+
+/// Loads config and key file for the first time; any problem is fatal here.
+pub fn load(config_path: &Path) -> Result<(Snapshot, Fingerprints), Problems> {
+    let (text, config_hash) = read(config_path, "config")?;
+    let config = Config::parse(config_path, &text)?;
+    let (keys_text, keys_hash) = read(&config.keys_file, "key file").map_err(|mut p| {
+        p.0.iter_mut().for_each(|p| p.message = format!("{} (keys_file in {})", p.message, config_path.display()));
+        p
+    })?;
+    let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
+    let store = KeyStore::build(&records, None);
+    let fp = Fingerprints {
+        config: config_hash,
+        keys: keys_hash,
+        keys_path: config.keys_file.clone(),
+    };
+    Ok((
+        Snapshot {
+            config: Arc::new(config),
+            keys: Arc::new(store),
+        },
+        fp,
+    ))
+}
+
+/// One reload pass: re-reads whatever changed and swaps if it is valid.
+pub fn reload_once(current: &ArcSwap<Snapshot>, config_path: &Path, fp: &mut Fingerprints, stats: &ReloadStats) {
+    let old = current.load_full();
+    let mut config = old.config.clone();
+    let mut changed = false;
+
+    match read(config_path, "config") {
+        Ok((text, hash)) if hash != fp.config => match Config::parse(config_path, &text) {
+            Ok(new) => {
+                if new.listen != config.listen {
+                    tracing::warn!(
+                        old = %config.listen, new = %new.listen,
+                        "listen address changed; the new address takes effect only after a restart"
+                    );
+                }
+                tracing::info!(file = %config_path.display(), routes = new.routes.len(), "config reloaded");
+                fp.config = hash;
+                config = Arc::new(new);
+                changed = true;
+                stats.config_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(problems) => {
+                fp.config = hash;
+                log_rejected(&problems);
+                stats.config_err.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        Ok(_) => {}
+        Err(problems) => {
+            // Remember nothing: the same file coming back must be re-read.
+            fp.config = [0; 32];
+            log_rejected(&problems);
+            stats.config_err.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    let mut keys = old.keys.clone();
+    match read(&config.keys_file, "key file") {
+        Ok((text, hash)) if hash != fp.keys || config.keys_file != fp.keys_path => {
+            match keys::parse_key_file(&config.keys_file, &text) {
+                Ok(records) => {
+                    keys = Arc::new(KeyStore::build(&records, Some(&old.keys)));
+                    tracing::info!(file = %config.keys_file.display(), keys = keys.len(), "key file reloaded");
+                    fp.keys = hash;
+                    fp.keys_path = config.keys_file.clone();
+                    changed = true;
+                    stats.keys_ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(problems) => {
+                    fp.keys = hash;
+                    log_rejected(&problems);
+                    stats.keys_err.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(problems) => {
+            fp.keys = [0; 32];
+            log_rejected(&problems);
+            stats.keys_err.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    if changed {
+        current.store(Arc::new(Snapshot { config, keys }));
+    }
+}
+
+fn log_rejected(problems: &Problems) {
+    for p in &problems.0 {
+        tracing::error!("{p} (rejected; the last good version keeps serving)");
+    }
+}
+
+fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
+    [config_path, snapshot.config.keys_file.as_path()]
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect()
+}
+
+/// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
+/// seen), SIGHUP, and a periodic re-check; runs until the task is dropped.
+pub async fn run(
+    current: Arc<ArcSwap<Snapshot>>,
+    config_path: PathBuf,
+    mut fp: Fingerprints,
+    stats: Arc<ReloadStats>,
+) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let notify_tx = tx.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            // A full channel already holds a pending reload.
+            let _ = notify_tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file watching unavailable; relying on SIGHUP and periodic re-check");
+            None
+        }
+    };
+    let mut watched = BTreeSet::new();
+    let mut rewatch = |watcher: &mut Option<notify::RecommendedWatcher>, snapshot: &Snapshot| {
+        let Some(w) = watcher.as_mut() else { return };
+        let want = watch_dirs(&config_path, snapshot);
+        for dir in watched.difference(&want) {
+            let _ = w.unwatch(dir);
+        }
+        for dir in want.difference(&watched) {
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder");
+            }
+        }
+        watched = want;
+    };
+    rewatch(&mut watcher, &current.load());
+
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut recheck = tokio::time::interval(RECHECK_EVERY);
+    recheck.tick().await;
+    loop {
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { return },
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading");
+            }
+            _ = recheck.tick() => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        while rx.try_recv().is_ok() {}
+        let (cur, path, mut f, st) = (current.clone(), config_path.clone(), fp.clone(), stats.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            reload_once(&cur, &path, &mut f, &st);
+            f
+        })
+        .await;
+        if let Ok(f) = done {
+            fp = f;
+        }
+        rewatch(&mut watcher, &current.load());
+    }
+}

@@ -1,0 +1,305 @@
+//! The compiled route table: (host, method, normalized path) -> the route that serves it.
+
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::Method;
+
+/// How a route restricts the request host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Exact host name, stored lowercase.
+    Exact(String),
+    /// `*.example.com`: any name ending in `.example.com` (stored as the suffix with its dot).
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Parses `api.example.com` or `*.example.com`.
+    pub fn parse(text: &str) -> Result<HostMatch, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let valid_name = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+        };
+        if let Some(rest) = lower.strip_prefix("*.") {
+            if valid_name(rest) {
+                return Ok(HostMatch::Suffix(format!(".{rest}")));
+            }
+        } else if valid_name(&lower) {
+            return Ok(HostMatch::Exact(lower));
+        }
+        Err(format!(
+            "invalid host {text:?}: expected a name like api.example.com or *.example.com"
+        ))
+    }
+
+    /// True when `host` (port already removed) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.as_bytes()[host.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        }
+    }
+}
+
+/// Protocol spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamScheme {
+    /// HTTP/1.1 over TCP.
+    Http,
+    /// HTTP/2 with prior knowledge over TCP (gRPC servers).
+    H2c,
+}
+
+/// Where a route sends its requests.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Protocol.
+    pub scheme: UpstreamScheme,
+    /// host:port.
+    pub authority: Authority,
+    /// Path prepended to every forwarded path, without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// Parses `http://host:port[/base]` or `h2c://host:port[/base]`.
+    pub fn parse(text: &str) -> Result<Upstream, String> {
+        let bad = |why: &str| format!("invalid upstream URL {text:?}: {why}");
+        let uri: http::Uri = text.parse().map_err(|_| bad("not a URL"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => UpstreamScheme::Http,
+            Some("h2c") => UpstreamScheme::H2c,
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not supported (use http:// or h2c://)"
+                )))
+            }
+            None => return Err(bad("missing scheme (use http:// or h2c://)")),
+        };
+        let authority = uri.authority().cloned().ok_or_else(|| bad("missing host"))?;
+        if authority.host().is_empty() {
+            return Err(bad("missing host"));
+        }
+        if authority.as_str().contains('@') {
+            return Err(bad("credentials in the URL are not supported"));
+        }
+        if uri.query().is_some() {
+            return Err(bad("a query string is not allowed"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(Upstream {
+            scheme,
+            authority,
+            base_path,
+        })
+    }
+}
+
+/// One checked route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Unique name (logs, metrics).
+    pub name: String,
+    /// Normalized prefix matched on whole segments.
+    pub path_prefix: String,
+    /// Optional host restriction.
+    pub host: Option<HostMatch>,
+    /// Optional method restriction.
+    pub methods: Option<Vec<Method>>,
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// Remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Scopes a key must hold, every one of them.
+    pub scopes: Vec<String>,
+    /// Deadline for the upstream's response.
+    pub timeout: Option<Duration>,
+    /// No key needed.
+    pub public: bool,
+}
+
+impl Route {
+    /// True when `path` lies under this route's prefix, on a segment boundary.
+    pub fn matches_path(&self, path: &str) -> bool {
+        prefix_matches(&self.path_prefix, path)
+    }
+
+    /// The path the upstream gets, before its base path is added.
+    pub fn upstream_path<'p>(&self, path: &'p str) -> &'p str {
+        if !self.strip_prefix {
+            return path;
+        }
+        let rest = &path[self.path_prefix.len().min(path.len())..];
+        if rest.starts_with('/') {
+            rest
+        } else if self.path_prefix.ends_with('/') {
+            // The prefix consumed the slash; give it back.
+            &path[self.path_prefix.len() - 1..]
+        } else {
+            "/"
+        }
+    }
+}
+
+/// Whole-segment prefix match: `/health` matches `/health` and `/health/x`, not `/healthz`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if !path.starts_with(prefix) {
+        return false;
+    }
+    prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'
+}
+
+/// Routes in match order: longest prefix first, declaration order on ties.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    order: Vec<usize>,
+}
+
+impl RouteTable {
+    /// Compiles the table from routes in declaration order.
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let mut order: Vec<usize> = (0..routes.len()).collect();
+        // Stable sort keeps declaration order among equal prefix lengths.
+        order.sort_by_key(|&i| std::cmp::Reverse(routes[i].path_prefix.len()));
+        RouteTable { routes, order }
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Routes in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    /// The route for a request; `host` has its port removed already.
+    pub fn find(&self, host: Option<&str>, method: &Method, path: &str) -> Option<&Route> {
+        self.order.iter().map(|&i| &self.routes[i]).find(|r| {
+            r.matches_path(path)
+                && r.host
+                    .as_ref()
+                    .is_none_or(|h| host.is_some_and(|host| h.matches(host)))
+                && r.methods.as_ref().is_none_or(|ms| ms.contains(method))
+        })
+    }
+}
+
+/// Removes the port from a Host value: `a.b:80` -> `a.b`, `[::1]:80` -> `[::1]`.
+pub fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) => &host[..i],
+        None => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, prefix: &str, host: Option<&str>, methods: Option<Vec<Method>>) -> Route {
+        Route {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            host: host.map(|h| HostMatch::parse(h).unwrap()),
+            methods,
+            upstream: Upstream::parse("http://127.0.0.1:1").unwrap(),
+            strip_prefix: false,
+            scopes: vec![],
+            timeout: None,
+            public: false,
+        }
+    }
+
+    fn find<'a>(t: &'a RouteTable, host: Option<&str>, m: Method, p: &str) -> Option<&'a str> {
+        t.find(host, &m, p).map(|r| r.name.as_str())
+    }
+
+    #[test]
+    fn whole_segments() {
+        assert!(prefix_matches("/health", "/health"));
+        assert!(prefix_matches("/health", "/health/x"));
+        assert!(!prefix_matches("/health", "/healthz"));
+        assert!(prefix_matches("/postbox/", "/postbox/a/b"));
+        assert!(!prefix_matches("/postbox/", "/postbox"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn longest_prefix_wins_ties_go_first() {
+        let t = RouteTable::new(vec![
+            route("root", "/", None, None),
+            route("api", "/api/", None, None),
+            route("api-v1", "/api/v1", None, None),
+            route("api-dup", "/api/", None, None),
+        ]);
+        assert_eq!(find(&t, None, Method::GET, "/api/v1/x"), Some("api-v1"));
+        assert_eq!(find(&t, None, Method::GET, "/api/v2"), Some("api"));
+        assert_eq!(find(&t, None, Method::GET, "/other"), Some("root"));
+    }
+
+    #[test]
+    fn host_and_method_filter_before_length() {
+        let t = RouteTable::new(vec![
+            route("short", "/a", None, None),
+            route("long-host", "/a/b", Some("*.example.com"), None),
+            route("long-post", "/a/b/c", None, Some(vec![Method::POST])),
+        ]);
+        assert_eq!(find(&t, Some("x.example.com"), Method::GET, "/a/b/c"), Some("long-host"));
+        assert_eq!(find(&t, Some("X.Example.COM"), Method::GET, "/a/b"), Some("long-host"));
+        assert_eq!(find(&t, Some("example.com"), Method::GET, "/a/b"), Some("short"));
+        assert_eq!(find(&t, None, Method::POST, "/a/b/c"), Some("long-post"));
+        assert_eq!(find(&t, None, Method::GET, "/a/b/c"), Some("short"));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash() {
+        let mut r = route("r", "/postbox/", None, None);
+        r.strip_prefix = true;
+        assert_eq!(r.upstream_path("/postbox/send"), "/send");
+        let mut r = route("r", "/health", None, None);
+        r.strip_prefix = true;
+        assert_eq!(r.upstream_path("/health"), "/");
+        assert_eq!(r.upstream_path("/health/x"), "/x");
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = Upstream::parse("http://127.0.0.1:9001/base/").unwrap();
+        assert_eq!(u.base_path, "/base");
+        assert!(Upstream::parse("ftp://x").is_err());
+        assert!(Upstream::parse("127.0.0.1:80").is_err());
+        assert!(Upstream::parse("http://u:p@x").is_err());
+    }
+
+    #[test]
+    fn ports_are_removed() {
+        assert_eq!(host_without_port("a.b:80"), "a.b");
+        assert_eq!(host_without_port("a.b"), "a.b");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+    }
+}
