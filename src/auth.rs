@@ -93,7 +93,9 @@ pub fn authorize<'a>(
     if token.starts_with(keys::KEY_PREFIX.as_bytes()) && !keys::well_formed(token) {
         return Err(AuthError::Invalid);
     }
-    let key = keys.lookup(&keys::digest(token)).ok_or(AuthError::Invalid)?;
+    let key = keys
+        .lookup(&keys::digest(token))
+        .ok_or(AuthError::Invalid)?;
     if key.revoked {
         return Err(AuthError::Revoked);
     }
@@ -116,18 +118,39 @@ mod tests {
 
     #[test]
     fn scheme_is_case_insensitive() {
-        assert_eq!(parse_authorization(b"Api-Key abc"), Credential::ApiKey(b"abc"));
-        assert_eq!(parse_authorization(b"API-KEY abc"), Credential::ApiKey(b"abc"));
-        assert_eq!(parse_authorization(b"api-key abc"), Credential::ApiKey(b"abc"));
+        assert_eq!(
+            parse_authorization(b"Api-Key abc"),
+            Credential::ApiKey(b"abc")
+        );
+        assert_eq!(
+            parse_authorization(b"API-KEY abc"),
+            Credential::ApiKey(b"abc")
+        );
+        assert_eq!(
+            parse_authorization(b"api-key abc"),
+            Credential::ApiKey(b"abc")
+        );
     }
 
     #[test]
     fn exactly_one_token() {
         assert_eq!(parse_authorization(b"Api-Key"), Credential::MalformedApiKey);
-        assert_eq!(parse_authorization(b"Api-Key "), Credential::MalformedApiKey);
-        assert_eq!(parse_authorization(b"Api-Key a b"), Credential::MalformedApiKey);
-        assert_eq!(parse_authorization(b"Api-Key  a"), Credential::MalformedApiKey);
-        assert_eq!(parse_authorization(b"Api-Key a\tb"), Credential::MalformedApiKey);
+        assert_eq!(
+            parse_authorization(b"Api-Key "),
+            Credential::MalformedApiKey
+        );
+        assert_eq!(
+            parse_authorization(b"Api-Key a b"),
+            Credential::MalformedApiKey
+        );
+        assert_eq!(
+            parse_authorization(b"Api-Key  a"),
+            Credential::MalformedApiKey
+        );
+        assert_eq!(
+            parse_authorization(b"Api-Key a\tb"),
+            Credential::MalformedApiKey
+        );
     }
 
     #[test]

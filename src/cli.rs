@@ -56,7 +56,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(crate::ServeError::Invalid(problems)) = e.downcast_ref::<crate::ServeError>() {
+            if let Some(crate::ServeError::Invalid(problems)) =
+                e.downcast_ref::<crate::ServeError>()
+            {
                 eprintln!("{problems}");
                 return ExitCode::from(EXIT_INVALID);
             }

@@ -172,7 +172,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.is_empty() || !t.as_bytes()[0].is_ascii_digit() {
-        return Err(format!("invalid duration {text:?}: expected e.g. 500ms, 30s, 2m, 90d"));
+        return Err(format!(
+            "invalid duration {text:?}: expected e.g. 500ms, 30s, 2m, 90d"
+        ));
     }
     humantime::parse_duration(t)
         .map_err(|e| format!("invalid duration {text:?}: {e} (expected e.g. 500ms, 30s, 2m, 90d)"))
@@ -245,7 +247,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
     };
 
     if raw.keys_file.value.trim().is_empty() {
-        problems.push(Problem::at(path, raw.keys_file.referenced, "keys_file is empty"));
+        problems.push(Problem::at(
+            path,
+            raw.keys_file.referenced,
+            "keys_file is empty",
+        ));
     }
     let keys_file = resolve(&base, &raw.keys_file.value);
     let state_file = match &raw.state_file {
@@ -372,14 +378,18 @@ fn check_route(
     problems: &mut Vec<Problem>,
 ) -> Option<Route> {
     let before = problems.len();
-    let mut bad = |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
+    let mut bad =
+        |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
 
     if r.name.value.trim().is_empty() {
         bad(&r.name, "route name is empty".into());
     }
     let prefix = &r.path_prefix.value;
     let prefix_ok = prefix.starts_with('/')
-        && matches!(crate::path::normalize(prefix), Ok(std::borrow::Cow::Borrowed(_)));
+        && matches!(
+            crate::path::normalize(prefix),
+            Ok(std::borrow::Cow::Borrowed(_))
+        );
     if !prefix_ok {
         bad(
             &r.path_prefix,
@@ -387,13 +397,16 @@ fn check_route(
         );
     }
 
-    let host = r.host.as_ref().and_then(|h| match HostMatch::parse(&h.value) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            bad(h, e);
-            None
-        }
-    });
+    let host = r
+        .host
+        .as_ref()
+        .and_then(|h| match HostMatch::parse(&h.value) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                bad(h, e);
+                None
+            }
+        });
 
     let methods = r.methods.as_ref().map(|ms| {
         ms.iter()
@@ -414,7 +427,10 @@ fn check_route(
             problems.push(Problem::at(
                 path,
                 loc,
-                format!("route {:?}: methods is empty; omit it to allow every method", r.name.value),
+                format!(
+                    "route {:?}: methods is empty; omit it to allow every method",
+                    r.name.value
+                ),
             ));
         }
     }
@@ -435,7 +451,10 @@ fn check_route(
             problems.push(Problem::at(
                 path,
                 s.referenced,
-                format!("route scope {:?} must be a concrete scope, not a wildcard", s.value),
+                format!(
+                    "route scope {:?} must be a concrete scope, not a wildcard",
+                    s.value
+                ),
             ));
         } else if let Some(known) = known_scopes {
             if !known.iter().any(|k| k == &s.value) {
@@ -463,17 +482,24 @@ fn check_route(
         }
     }
 
-    let timeout = r.timeout.as_ref().and_then(|t| match parse_duration(&t.value) {
-        Ok(d) if !d.is_zero() => Some(d),
-        Ok(_) => {
-            problems.push(Problem::at(path, t.referenced, "timeout must be greater than zero"));
-            None
-        }
-        Err(e) => {
-            problems.push(Problem::at(path, t.referenced, e));
-            None
-        }
-    });
+    let timeout = r
+        .timeout
+        .as_ref()
+        .and_then(|t| match parse_duration(&t.value) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                problems.push(Problem::at(
+                    path,
+                    t.referenced,
+                    "timeout must be greater than zero",
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(Problem::at(path, t.referenced, e));
+                None
+            }
+        });
 
     if problems.len() != before {
         return None;
@@ -520,7 +546,10 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("cfg/keygate.yaml:5:15:"), "{text}");
         assert!(text.contains("cfg/keygate.yaml:6:14:"), "{text}");
-        assert!(text.contains("cfg/keygate.yaml:7:11: duplicate route name"), "{text}");
+        assert!(
+            text.contains("cfg/keygate.yaml:7:11: duplicate route name"),
+            "{text}"
+        );
         assert!(text.contains("cfg/keygate.yaml:8:18:"), "{text}");
         assert_eq!(err.0.len(), 4, "{text}");
     }
@@ -537,7 +566,10 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86400)
+        );
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
     }

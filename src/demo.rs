@@ -19,7 +19,9 @@ pub async fn echo_upstream() -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(echo);
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -57,7 +59,9 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Er
 
 /// Runs the demo until SIGINT/SIGTERM.
 pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
-    let upstream = echo_upstream().await.context("cannot start the echo upstream")?;
+    let upstream = echo_upstream()
+        .await
+        .context("cannot start the echo upstream")?;
     let dir: PathBuf = std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key = crate::keys::generate().context("cannot generate a key")?;
@@ -86,7 +90,12 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     println!("curl -i -H 'Authorization: Api-Key {key}' {base}/admin/users");
     println!();
     println!("The demo key lives only in this temporary config. Ctrl-C stops the demo.");
-    let result = crate::serve(&dir.join("keygate.yaml"), listener, crate::shutdown_signal()).await;
+    let result = crate::serve(
+        &dir.join("keygate.yaml"),
+        listener,
+        crate::shutdown_signal(),
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
     result.map_err(Into::into)
 }

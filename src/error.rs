@@ -45,26 +45,50 @@ impl GatewayError {
     /// Status, machine-readable code and gRPC status, in one exhaustive match.
     fn classify(&self) -> (StatusCode, &'static str, GrpcStatus) {
         match self {
-            GatewayError::BadRequest(_) | GatewayError::Path(_) => {
-                (StatusCode::BAD_REQUEST, "bad_request", GrpcStatus::InvalidArgument)
-            }
+            GatewayError::BadRequest(_) | GatewayError::Path(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                GrpcStatus::InvalidArgument,
+            ),
             GatewayError::NoRoute => (StatusCode::NOT_FOUND, "no_route", GrpcStatus::Unimplemented),
             GatewayError::Auth(a) => match a {
-                AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_api_key", GrpcStatus::Unauthenticated),
-                AuthError::Invalid => (StatusCode::UNAUTHORIZED, "invalid_api_key", GrpcStatus::Unauthenticated),
-                AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_api_key", GrpcStatus::Unauthenticated),
-                AuthError::Revoked => (StatusCode::UNAUTHORIZED, "revoked_api_key", GrpcStatus::Unauthenticated),
-                AuthError::InsufficientScope(_) => {
-                    (StatusCode::FORBIDDEN, "insufficient_scope", GrpcStatus::PermissionDenied)
-                }
+                AuthError::Missing => (
+                    StatusCode::UNAUTHORIZED,
+                    "missing_api_key",
+                    GrpcStatus::Unauthenticated,
+                ),
+                AuthError::Invalid => (
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_api_key",
+                    GrpcStatus::Unauthenticated,
+                ),
+                AuthError::Expired => (
+                    StatusCode::UNAUTHORIZED,
+                    "expired_api_key",
+                    GrpcStatus::Unauthenticated,
+                ),
+                AuthError::Revoked => (
+                    StatusCode::UNAUTHORIZED,
+                    "revoked_api_key",
+                    GrpcStatus::Unauthenticated,
+                ),
+                AuthError::InsufficientScope(_) => (
+                    StatusCode::FORBIDDEN,
+                    "insufficient_scope",
+                    GrpcStatus::PermissionDenied,
+                ),
             },
             GatewayError::Forward(f) => match f {
-                ForwardError::Unavailable => {
-                    (StatusCode::BAD_GATEWAY, "upstream_unavailable", GrpcStatus::Unavailable)
-                }
-                ForwardError::Timeout => {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", GrpcStatus::DeadlineExceeded)
-                }
+                ForwardError::Unavailable => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    GrpcStatus::Unavailable,
+                ),
+                ForwardError::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    GrpcStatus::DeadlineExceeded,
+                ),
             },
         }
     }
@@ -87,7 +111,11 @@ struct ErrorBody<'a> {
 }
 
 /// Builds the response for an error; `www_authenticate` goes on every 401.
-pub fn response(err: &GatewayError, www_authenticate: &HeaderValue, grpc: bool) -> Response<Full<Bytes>> {
+pub fn response(
+    err: &GatewayError,
+    www_authenticate: &HeaderValue,
+    grpc: bool,
+) -> Response<Full<Bytes>> {
     let (status, code, grpc_status) = err.classify();
     let message = err.to_string();
     if grpc {
@@ -103,7 +131,8 @@ pub fn response(err: &GatewayError, www_authenticate: &HeaderValue, grpc: bool) 
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(WWW_AUTHENTICATE, www_authenticate.clone());
+        resp.headers_mut()
+            .insert(WWW_AUTHENTICATE, www_authenticate.clone());
     }
     resp
 }

@@ -92,7 +92,10 @@ impl Forwarder {
         h.remove(&identity.service_account);
         if let Some(key) = permit.key {
             h.insert(&identity.key_id, key.id_header.clone());
-            h.insert(&identity.service_account, key.service_account_header.clone());
+            h.insert(
+                &identity.service_account,
+                key.service_account_header.clone(),
+            );
         }
         headers::set_forwarded(h, down.client, down.https, down.host.as_ref());
         if let Some(host) = down.host {
@@ -129,7 +132,10 @@ fn upstream_uri(permit: Permit<'_>, path: &str, query: Option<&str>) -> Result<U
     let up = &route.upstream;
     let path = route.upstream_path(path);
     let mut s = String::with_capacity(
-        8 + up.authority.as_str().len() + up.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        8 + up.authority.as_str().len()
+            + up.base_path.len()
+            + path.len()
+            + query.map_or(0, |q| q.len() + 1),
     );
     s.push_str("http://");
     s.push_str(up.authority.as_str());

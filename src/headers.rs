@@ -72,7 +72,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
         let wants_trailers = is_request
             && te
                 .to_str()
-                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+                .map(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                })
                 .unwrap_or(false);
         if wants_trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -83,7 +86,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
 }
 
 /// Sets `X-Forwarded-For` (client appended), `-Proto` and `-Host`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, host: Option<&HeaderValue>) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    https: bool,
+    host: Option<&HeaderValue>,
+) {
     let mut ip_buf = [0u8; 64];
     let ip = format_ip(client, &mut ip_buf);
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
@@ -125,9 +133,8 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     let mut ids = headers.get_all(&X_REQUEST_ID).iter();
     if let (Some(v), None) = (ids.next(), ids.next()) {
-        let ok = !v.is_empty()
-            && v.len() <= 200
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        let ok =
+            !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
         if ok {
             return v.clone();
         }
@@ -156,7 +163,12 @@ pub fn new_request_id() -> HeaderValue {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut buf = [0u8; 32];
     let hex = b"0123456789abcdef";
-    for (i, byte) in seed.to_be_bytes().iter().chain(n.to_be_bytes().iter()).enumerate() {
+    for (i, byte) in seed
+        .to_be_bytes()
+        .iter()
+        .chain(n.to_be_bytes().iter())
+        .enumerate()
+    {
         buf[2 * i] = hex[usize::from(byte >> 4)];
         buf[2 * i + 1] = hex[usize::from(byte & 0xf)];
     }
@@ -170,7 +182,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         m
     }
@@ -193,7 +208,10 @@ mod tests {
 
     #[test]
     fn connection_cannot_strip_gateway_headers() {
-        let mut m = map(&[("connection", "x-forwarded-for"), ("x-forwarded-for", "1.2.3.4")]);
+        let mut m = map(&[
+            ("connection", "x-forwarded-for"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]);
         strip_hop_by_hop(&mut m, true);
         assert!(m.contains_key("x-forwarded-for"));
     }
@@ -214,7 +232,12 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut m = map(&[("x-forwarded-for", "10.0.0.1")]);
-        set_forwarded(&mut m, "127.0.0.1".parse().unwrap(), false, Some(&HeaderValue::from_static("h")));
+        set_forwarded(
+            &mut m,
+            "127.0.0.1".parse().unwrap(),
+            false,
+            Some(&HeaderValue::from_static("h")),
+        );
         assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "h");

@@ -27,7 +27,12 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct KeysArgs {
     /// Config file whose `keys_file` to manage.
-    #[arg(long, global = true, env = "KEYGATE_CONFIG", default_value = "config/keygate.yaml")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_CONFIG",
+        default_value = "config/keygate.yaml"
+    )]
     pub config: PathBuf,
     /// Key file to manage directly (instead of the config's).
     #[arg(long, global = true)]
@@ -158,7 +163,13 @@ fn target(args: &KeysArgs) -> Result<Target, Failure> {
     if let Some(path) = &args.keys_file {
         let state_file = path
             .parent()
-            .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d.to_path_buf() })
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d.to_path_buf()
+                }
+            })
             .unwrap_or_else(|| PathBuf::from("."))
             .join("keys-state.json");
         return Ok(Target {
@@ -182,7 +193,9 @@ fn check_scopes(scopes: &[String], known: Option<&[String]>) -> Result<(), Failu
     for s in scopes {
         check_scope(s).map_err(usage)?;
         if let Some(known) = known {
-            let covered = known.iter().any(|k| keys::Grant::parse(s).covers(k) || k == s);
+            let covered = known
+                .iter()
+                .any(|k| keys::Grant::parse(s).covers(k) || k == s);
             if !covered {
                 let closest = known
                     .iter()
@@ -202,7 +215,8 @@ fn expiry(
     expires_at: Option<&str>,
 ) -> Result<Option<OffsetDateTime>, Failure> {
     if let Some(d) = expires_in {
-        let d = crate::config::parse_duration(d).map_err(|e| usage(format!("--expires-in: {e}")))?;
+        let d =
+            crate::config::parse_duration(d).map_err(|e| usage(format!("--expires-in: {e}")))?;
         let d = time::Duration::try_from(d).map_err(|_| usage("--expires-in: too long"))?;
         return now
             .checked_add(d)
@@ -224,7 +238,11 @@ fn new_id(existing: &[KeyRecord]) -> Result<String, Failure> {
     loop {
         let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
         // The body of a fresh key is uniform base62; its middle makes a good id.
-        let id: String = key[3..].chars().skip_while(|c| !c.is_ascii_alphabetic()).take(12).collect();
+        let id: String = key[3..]
+            .chars()
+            .skip_while(|c| !c.is_ascii_alphabetic())
+            .take(12)
+            .collect();
         if id.len() == 12 && !existing.iter().any(|r| r.id == id) {
             return Ok(id);
         }
@@ -279,7 +297,9 @@ pub fn status(rec: &KeyRecord, now: OffsetDateTime) -> &'static str {
 }
 
 fn execute(args: &KeysArgs) -> Result<(), Failure> {
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::now_utc());
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(OffsetDateTime::now_utc());
     if let KeysCommand::Hash = args.command {
         let mut input = String::new();
         std::io::stdin()
@@ -303,11 +323,14 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             description,
         } => {
             if !keys::valid_service_account(service_account) {
-                return Err(usage("--service-account: expected visible ASCII without spaces"));
+                return Err(usage(
+                    "--service-account: expected visible ASCII without spaces",
+                ));
             }
             check_scopes(scopes, t.known_scopes.as_deref())?;
             let expires_at = expiry(now, expires_in.as_deref(), expires_at.as_deref())?;
-            let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+            let key =
+                keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
             let rec = keyfile::update(&t.keys_file, |records| {
                 let rec = KeyRecord {
                     id: new_id(records).map_err(|f| f.message)?,
@@ -335,10 +358,13 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_at,
             description,
         } => {
-            let digest = keys::parse_hash(hash)
-                .ok_or_else(|| usage("--hash: expected sha256: followed by 64 lowercase hex digits"))?;
+            let digest = keys::parse_hash(hash).ok_or_else(|| {
+                usage("--hash: expected sha256: followed by 64 lowercase hex digits")
+            })?;
             if !keys::valid_service_account(service_account) {
-                return Err(usage("--service-account: expected visible ASCII without spaces"));
+                return Err(usage(
+                    "--service-account: expected visible ASCII without spaces",
+                ));
             }
             if let Some(id) = id {
                 if !keys::valid_id(id) {
@@ -401,19 +427,24 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
             match args.output {
                 Output::Text => println!("revoked {} at {at}", rec.id),
-                Output::Json => println!("{}", serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})
+                ),
             }
             Ok(())
         }
         KeysCommand::Rotate { id, grace } => {
             let grace = match grace {
                 Some(g) => {
-                    let d = crate::config::parse_duration(g).map_err(|e| usage(format!("--grace: {e}")))?;
+                    let d = crate::config::parse_duration(g)
+                        .map_err(|e| usage(format!("--grace: {e}")))?;
                     Some(time::Duration::try_from(d).map_err(|_| usage("--grace: too long"))?)
                 }
                 None => None,
             };
-            let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+            let key =
+                keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
             let rec = keyfile::update(&t.keys_file, |records| {
                 let old = records
                     .iter_mut()
@@ -479,15 +510,27 @@ fn list_json(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> S
 }
 
 fn list_text(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> String {
-    let header = ["ID", "SERVICE ACCOUNT", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATUS"];
+    let header = [
+        "ID",
+        "SERVICE ACCOUNT",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "STATUS",
+    ];
     let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
     for r in records {
         rows.push([
             r.id.clone(),
             r.service_account.clone(),
             r.scopes.join(","),
-            r.created_at.map(keys::format_time).unwrap_or_else(|| "-".into()),
-            r.expires_at.map(keys::format_time).unwrap_or_else(|| "never".into()),
+            r.created_at
+                .map(keys::format_time)
+                .unwrap_or_else(|| "-".into()),
+            r.expires_at
+                .map(keys::format_time)
+                .unwrap_or_else(|| "never".into()),
             last_used_text(st, &r.id).unwrap_or_else(|| "never".into()),
             status(r, now).to_string(),
         ]);

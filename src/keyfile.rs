@@ -55,10 +55,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Plain YAML scalars are written bare; anything a YAML reader might reinterpret is quoted.
 fn scalar(s: &str) -> String {
-    let plain = s
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic())
+    let plain = s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && !matches!(
@@ -84,7 +81,10 @@ pub fn render(records: &[KeyRecord]) -> String {
     for r in records {
         out.push_str(&format!("  - id: {}\n", scalar(&r.id)));
         out.push_str(&format!("    hash: sha256:{}\n", hex::encode(r.hash)));
-        out.push_str(&format!("    service_account: {}\n", scalar(&r.service_account)));
+        out.push_str(&format!(
+            "    service_account: {}\n",
+            scalar(&r.service_account)
+        ));
         let scopes: Vec<String> = r.scopes.iter().map(|s| scalar(s)).collect();
         out.push_str(&format!("    scopes: [{}]\n", scopes.join(", ")));
         if let Some(d) = &r.description {
@@ -162,6 +162,9 @@ mod tests {
         let text = render(std::slice::from_ref(&rec));
         let back = parse_key_file(Path::new("k"), &text).unwrap();
         assert_eq!(back, vec![rec]);
-        assert_eq!(parse_key_file(Path::new("k"), &render(&[])).unwrap(), vec![]);
+        assert_eq!(
+            parse_key_file(Path::new("k"), &render(&[])).unwrap(),
+            vec![]
+        );
     }
 }

@@ -63,7 +63,9 @@ pub fn generate() -> Result<String, getrandom::Error> {
 pub fn well_formed(key: &[u8]) -> bool {
     key.len() == KEY_LEN
         && key.starts_with(KEY_PREFIX.as_bytes())
-        && key[KEY_PREFIX.len()..].iter().all(u8::is_ascii_alphanumeric)
+        && key[KEY_PREFIX.len()..]
+            .iter()
+            .all(u8::is_ascii_alphanumeric)
         && checksum(&key[..KEY_LEN - CHECK_LEN]) == key[KEY_LEN - CHECK_LEN..]
 }
 
@@ -186,8 +188,9 @@ pub fn parse_hash(text: &str) -> Option<Digest32> {
 
 /// Parses an RFC 3339 timestamp.
 pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(text.trim(), &Rfc3339)
-        .map_err(|_| format!("invalid timestamp {text:?}: expected RFC 3339 like 2026-11-29T12:00:00Z"))
+    OffsetDateTime::parse(text.trim(), &Rfc3339).map_err(|_| {
+        format!("invalid timestamp {text:?}: expected RFC 3339 like 2026-11-29T12:00:00Z")
+    })
 }
 
 /// Formats a time as RFC 3339 in UTC, whole seconds.
@@ -196,7 +199,8 @@ pub fn format_time(t: OffsetDateTime) -> String {
         .to_offset(time::UtcOffset::UTC)
         .replace_nanosecond(0)
         .unwrap_or(t);
-    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// Parses and checks a key file's text; every problem is reported with its position.
@@ -208,7 +212,13 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<KeyRecord>, Problem
             "key file is empty (an empty key list is written `keys: []`)",
         )]));
     }
-    let raw: RawKeyFile = serde_saphyr::from_str(text)
+    // The parser's default budget suits configs; a key file grows with its key count.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = budget.max_nodes.max(text.len() / 2);
+    budget.max_events = budget.max_events.max(text.len());
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(text.len());
+    let options = serde_saphyr::options! { budget: Some(budget) };
+    let raw: RawKeyFile = serde_saphyr::from_str_with_options(text, options)
         .map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
     let Some(raw_keys) = raw.keys else {
         return Err(Problems(vec![Problem::whole(
@@ -223,21 +233,37 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<KeyRecord>, Problem
     for k in &raw_keys {
         let k = &k.value;
         let before = problems.len();
-        let mut bad = |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
+        let mut bad =
+            |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
         if !valid_id(&k.id.value) {
-            bad(&k.id, format!("invalid key id {:?}: use letters, digits, '-', '_', '.'", k.id.value));
+            bad(
+                &k.id,
+                format!(
+                    "invalid key id {:?}: use letters, digits, '-', '_', '.'",
+                    k.id.value
+                ),
+            );
         } else if !ids.insert(&k.id.value) {
             bad(&k.id, format!("duplicate key id {:?}", k.id.value));
         }
         let hash = parse_hash(&k.hash.value);
         match hash {
             // The hash itself is never echoed: it is secret-derived.
-            None => bad(&k.hash, "invalid hash: expected sha256: followed by 64 lowercase hex digits".into()),
-            Some(h) if !hashes.insert(h) => bad(&k.hash, format!("key {:?} has the same hash as an earlier key", k.id.value)),
+            None => bad(
+                &k.hash,
+                "invalid hash: expected sha256: followed by 64 lowercase hex digits".into(),
+            ),
+            Some(h) if !hashes.insert(h) => bad(
+                &k.hash,
+                format!("key {:?} has the same hash as an earlier key", k.id.value),
+            ),
             Some(_) => {}
         }
         if !valid_service_account(&k.service_account.value) {
-            bad(&k.service_account, "invalid service_account: expected visible ASCII without spaces".into());
+            bad(
+                &k.service_account,
+                "invalid service_account: expected visible ASCII without spaces".into(),
+            );
         }
         for s in &k.scopes {
             if let Err(e) = check_scope(&s.value) {
@@ -393,8 +419,12 @@ impl KeyStore {
 
 /// Reads and parses a key file.
 pub fn load_key_file(path: &Path) -> Result<Vec<KeyRecord>, Problems> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read key file: {e}"))]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem::whole(
+            path,
+            format!("cannot read key file: {e}"),
+        )])
+    })?;
     parse_key_file(path, &text)
 }
 
@@ -462,6 +492,8 @@ mod tests {
     #[test]
     fn empty_file_is_an_error() {
         assert!(parse_key_file(Path::new("k"), "").is_err());
-        assert!(parse_key_file(Path::new("k"), "keys: []\n").unwrap().is_empty());
+        assert!(parse_key_file(Path::new("k"), "keys: []\n")
+            .unwrap()
+            .is_empty());
     }
 }

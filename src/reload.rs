@@ -51,16 +51,24 @@ pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
 fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read {what}: {e}"))]))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Problems(vec![Problem::whole(
+            path,
+            format!("cannot read {what}: {e}"),
+        )])
+    })?;
     if meta.is_dir() {
         return Err(Problems(vec![Problem::whole(
             path,
             format!("cannot read {what}: it is a directory"),
         )]));
     }
-    let bytes = std::fs::read(path)
-        .map_err(|e| Problems(vec![Problem::whole(path, format!("cannot read {what}: {e}"))]))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        Problems(vec![Problem::whole(
+            path,
+            format!("cannot read {what}: {e}"),
+        )])
+    })?;
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     let text = String::from_utf8(bytes)
         .map_err(|_| Problems(vec![Problem::whole(path, format!("{what} is not UTF-8"))]))?;
@@ -72,7 +80,9 @@ pub fn load(config_path: &Path) -> Result<(Snapshot, Fingerprints), Problems> {
     let (text, config_hash) = read(config_path, "config")?;
     let config = Config::parse(config_path, &text)?;
     let (keys_text, keys_hash) = read(&config.keys_file, "key file").map_err(|mut p| {
-        p.0.iter_mut().for_each(|p| p.message = format!("{} (keys_file in {})", p.message, config_path.display()));
+        p.0.iter_mut().for_each(|p| {
+            p.message = format!("{} (keys_file in {})", p.message, config_path.display())
+        });
         p
     })?;
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
@@ -92,7 +102,12 @@ pub fn load(config_path: &Path) -> Result<(Snapshot, Fingerprints), Problems> {
 }
 
 /// One reload pass: re-reads whatever changed and swaps if it is valid.
-pub fn reload_once(current: &ArcSwap<Snapshot>, config_path: &Path, fp: &mut Fingerprints, stats: &ReloadStats) {
+pub fn reload_once(
+    current: &ArcSwap<Snapshot>,
+    config_path: &Path,
+    fp: &mut Fingerprints,
+    stats: &ReloadStats,
+) {
     let old = current.load_full();
     let mut config = old.config.clone();
     let mut changed = false;
@@ -227,7 +242,12 @@ pub async fn run(
         }
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
-        let (cur, path, mut f, st) = (current.clone(), config_path.clone(), fp.clone(), stats.clone());
+        let (cur, path, mut f, st) = (
+            current.clone(),
+            config_path.clone(),
+            fp.clone(),
+            stats.clone(),
+        );
         let done = tokio::task::spawn_blocking(move || {
             reload_once(&cur, &path, &mut f, &st);
             f

@@ -87,7 +87,10 @@ impl Upstream {
             }
             None => return Err(bad("missing scheme (use http:// or h2c://)")),
         };
-        let authority = uri.authority().cloned().ok_or_else(|| bad("missing host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad("missing host"))?;
         if authority.host().is_empty() {
             return Err(bad("missing host"));
         }
@@ -269,9 +272,18 @@ mod tests {
             route("long-host", "/a/b", Some("*.example.com"), None),
             route("long-post", "/a/b/c", None, Some(vec![Method::POST])),
         ]);
-        assert_eq!(find(&t, Some("x.example.com"), Method::GET, "/a/b/c"), Some("long-host"));
-        assert_eq!(find(&t, Some("X.Example.COM"), Method::GET, "/a/b"), Some("long-host"));
-        assert_eq!(find(&t, Some("example.com"), Method::GET, "/a/b"), Some("short"));
+        assert_eq!(
+            find(&t, Some("x.example.com"), Method::GET, "/a/b/c"),
+            Some("long-host")
+        );
+        assert_eq!(
+            find(&t, Some("X.Example.COM"), Method::GET, "/a/b"),
+            Some("long-host")
+        );
+        assert_eq!(
+            find(&t, Some("example.com"), Method::GET, "/a/b"),
+            Some("short")
+        );
         assert_eq!(find(&t, None, Method::POST, "/a/b/c"), Some("long-post"));
         assert_eq!(find(&t, None, Method::GET, "/a/b/c"), Some("short"));
     }

@@ -54,7 +54,10 @@ pub async fn accept_loop(
     grace: Duration,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -109,7 +112,8 @@ pub async fn handle(
             error::response(&e, &snapshot.config.www_authenticate, grpc).map(Either::Right)
         }
     };
-    resp.headers_mut().insert(&headers::X_REQUEST_ID, request_id);
+    resp.headers_mut()
+        .insert(&headers::X_REQUEST_ID, request_id);
     Ok(resp)
 }
 
@@ -130,7 +134,9 @@ async fn pipeline(
     }
     let mut auths = h.get_all(AUTHORIZATION).iter();
     if auths.next().is_some() && auths.next().is_some() {
-        return Err(GatewayError::BadRequest("more than one Authorization header"));
+        return Err(GatewayError::BadRequest(
+            "more than one Authorization header",
+        ));
     }
     // RFC 9112 3.2.2: an absolute-form target's authority wins over Host.
     let host: Option<HeaderValue> = match req.uri().authority() {
@@ -157,7 +163,12 @@ async fn pipeline(
         .routes
         .find(host_name, req.method(), &normalized)
         .ok_or(GatewayError::NoRoute)?;
-    let permit = auth::authorize(route, &snapshot.keys, auth::credential(req.headers()), now_secs())?;
+    let permit = auth::authorize(
+        route,
+        &snapshot.keys,
+        auth::credential(req.headers()),
+        now_secs(),
+    )?;
 
     let down = Downstream {
         path: &normalized,

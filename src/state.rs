@@ -63,7 +63,9 @@ pub fn capture(keys: &KeyStore) -> State {
         .entries()
         .filter_map(|e| {
             let t = e.last_used.load(Ordering::Relaxed);
-            let t = time::OffsetDateTime::from_unix_timestamp(t).ok().filter(|_| t > 0)?;
+            let t = time::OffsetDateTime::from_unix_timestamp(t)
+                .ok()
+                .filter(|_| t > 0)?;
             Some((e.id.clone(), crate::keys::format_time(t)))
         })
         .collect();

@@ -1,0 +1,199 @@
+//! The binary: `validate`, `serve` (flag and env), `demo`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A gateway process; killed with SIGTERM on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn wait_listening(addr: std::net::SocketAddr) {
+    assert!(
+        eventually(20, || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await,
+        "gateway did not start listening on {addr}"
+    );
+}
+
+#[test]
+fn validate_accepts_the_shipped_example() {
+    let out = Command::new(bin())
+        .args([
+            "validate",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.yaml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn validate_lists_every_problem_with_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("keygate.yaml"),
+        "keys_file: keys.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: nope://x\n  - name: a\n    path_prefix: /b\n    upstream: http://127.0.0.1:1\n    timeout: forever\n",
+    );
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    let cfg = dir.path().join("keygate.yaml");
+    let out = Command::new(bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let c = cfg.display().to_string();
+    assert!(lines[0].starts_with(&format!("{c}:5:15: ")), "{text}");
+    assert!(lines[1].starts_with(&format!("{c}:6:11: ")), "{text}");
+    assert!(lines[2].starts_with(&format!("{c}:9:14: ")), "{text}");
+
+    // A bad key file is reported against the key file.
+    write(
+        &dir.path().join("keygate.yaml"),
+        "keys_file: keys.yaml\nroutes: []\n",
+    );
+    write(
+        &dir.path().join("keys.yaml"),
+        "keys:\n  - id: x\n    hash: sha256:00\n    service_account: sa\n    scopes: []\n",
+    );
+    let out = Command::new(bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "{}:3:11: ",
+            dir.path().join("keys.yaml").display()
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn serve_takes_config_from_env_and_rejects_a_bad_one() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let k = TestKey::new("k", "sa", &[]);
+    write(&dir.path().join("keys.yaml"), &key_file(&[&k]));
+    write(
+        &dir.path().join("gw.yaml"),
+        &format!(
+            "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\nroutes:\n{}",
+            route("api", "/api/", &up.url(), "")
+        ),
+    );
+    let mut p = Proc(
+        Command::new(bin())
+            .arg("serve")
+            .env("KEYGATE_CONFIG", dir.path().join("gw.yaml"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    assert_eq!(
+        get(addr, "/api/x", &[&format!("Authorization: {}", k.auth())])
+            .await
+            .status,
+        200
+    );
+    assert!(p.term().success(), "SIGTERM must exit 0");
+
+    write(
+        &dir.path().join("bad.yaml"),
+        "keys_file: keys.yaml\nroutes: 7\n",
+    );
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("bad.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml:2:"));
+}
+
+#[tokio::test]
+async fn demo_prints_working_curl_commands() {
+    let port = free_port();
+    let mut child = Command::new(bin())
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut p = Proc(child);
+    let lines: Vec<String> = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| !l.contains("Ctrl-C"))
+            .collect()
+    })
+    .await
+    .unwrap();
+    let curls: Vec<&String> = lines.iter().filter(|l| l.starts_with("curl")).collect();
+    assert_eq!(curls.len(), 3, "{lines:?}");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+    let mut statuses = Vec::new();
+    for c in curls {
+        let out = tokio::task::spawn_blocking({
+            let c = c.replace("curl -i", "curl -s -o /dev/null -w %{http_code}");
+            move || Command::new("sh").arg("-c").arg(c).output().unwrap()
+        })
+        .await
+        .unwrap();
+        statuses.push(String::from_utf8_lossy(&out.stdout).to_string());
+    }
+    assert_eq!(statuses, vec!["200", "401", "403"]);
+    assert!(p.term().success());
+}

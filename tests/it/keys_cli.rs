@@ -1,0 +1,323 @@
+//! `keygate keys ...` end to end over the real binary and a running gateway.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::cli::{free_port, wait_listening, Proc};
+use crate::support::*;
+
+fn keys(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn setup(up: &Upstream, extra: &str) -> (tempfile::TempDir, std::path::PathBuf, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    write(
+        &dir.path().join("keygate.yaml"),
+        &format!(
+            "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\n{extra}routes:\n{}",
+            route("api", "/api/", &up.url(), "    scopes: [yc.postbox.send]\n")
+        ),
+    );
+    let cfg = dir.path().join("keygate.yaml");
+    (dir, cfg, port)
+}
+
+fn list(cfg: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&keys(cfg, &["list", "--output", "json"]))).unwrap()
+}
+
+#[tokio::test]
+async fn lifecycle_through_a_running_gateway() {
+    let up = Upstream::start().await;
+    let (dir, cfg, port) = setup(&up, "");
+    let mut gw = Proc(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr).await;
+
+    let out = keys(
+        &cfg,
+        &[
+            "create",
+            "--service-account",
+            "sa-mailer",
+            "--scope",
+            "yc.postbox.send",
+            "--description",
+            "nightly mailer",
+        ],
+    );
+    let key = ok(&out).trim().to_string();
+    assert!(key.starts_with("kg_") && key.len() == 41, "{key}");
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .to_lowercase()
+        .contains("cannot be shown again"));
+    let file = std::fs::read_to_string(dir.path().join("keys.yaml")).unwrap();
+    assert!(
+        !file.contains(&key) && !file.contains(&key[3..]),
+        "the secret reached the key file"
+    );
+    let mode = std::fs::metadata(dir.path().join("keys.yaml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let auth = format!("Authorization: Api-Key {key}");
+    let call = |a: String| async move { get(addr, "/api/x", &[&a]).await };
+    assert!(eventually(2, || async { call(auth.clone()).await.status == 200 }).await);
+
+    let listed = list(&cfg);
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(listed[0]["status"], "active");
+    assert_eq!(listed[0]["service_account"], "sa-mailer");
+    assert!(
+        !listed.to_string().contains("sha256"),
+        "list must not show hashes"
+    );
+
+    // Rotate with grace: both work, the old one then expires.
+    let out = keys(&cfg, &["rotate", &id, "--grace", "2s", "--output", "json"]);
+    let rotated: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_string();
+    let new_id = rotated["id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, id);
+    assert_eq!(rotated["service_account"], "sa-mailer");
+    assert_eq!(rotated["scopes"], serde_json::json!(["yc.postbox.send"]));
+    let new_auth = format!("Authorization: Api-Key {new_key}");
+    assert!(eventually(2, || async { call(new_auth.clone()).await.status == 200 }).await);
+    assert_eq!(
+        call(auth.clone()).await.status,
+        200,
+        "old key must work during the grace period"
+    );
+    assert!(
+        eventually(5, || async {
+            call(auth.clone()).await.code() == "expired_api_key"
+        })
+        .await,
+        "old key did not expire after the grace period"
+    );
+
+    // Revoke: 401 revoked_api_key within 2 s.
+    ok(&keys(&cfg, &["revoke", &new_id]));
+    assert!(
+        eventually(2, || async {
+            call(new_auth.clone()).await.code() == "revoked_api_key"
+        })
+        .await
+    );
+
+    // Shutdown flushes last-used state; list shows it.
+    assert!(gw.term().success());
+    let listed = list(&cfg);
+    let new = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == new_id.as_str())
+        .unwrap();
+    assert!(
+        new["last_used"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20")),
+        "{new}"
+    );
+    assert_eq!(new["status"], "revoked");
+    let text = ok(&keys(&cfg, &["list"]));
+    assert!(
+        text.contains(&new_id) && text.contains("revoked") && text.contains("expired"),
+        "{text}"
+    );
+    assert!(!text.contains(&key) && !text.contains(&new_key));
+}
+
+#[test]
+fn twenty_parallel_creates_leave_twenty_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("keys.yaml");
+    let children: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new(bin())
+                .args([
+                    "keys",
+                    "create",
+                    "--service-account",
+                    "sa",
+                    "--scope",
+                    "a.b",
+                    "--keys-file",
+                ])
+                .arg(&kf)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut secrets = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        secrets.push(ok(&out).trim().to_string());
+    }
+    let records = keygate::keys::load_key_file(&kf).unwrap();
+    assert_eq!(records.len(), 20);
+    for s in &secrets {
+        assert!(records
+            .iter()
+            .any(|r| r.hash == keygate::keys::digest(s.as_bytes())));
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "temp files left behind: {names:?}"
+    );
+}
+
+#[test]
+fn hash_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("keys.yaml");
+    let mut child = Command::new(bin())
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"external-secret-1\n")
+        .unwrap();
+    let line = ok(&child.wait_with_output().unwrap()).trim().to_string();
+    assert_eq!(line, keygate::keys::hash_line(b"external-secret-1"));
+    let out = Command::new(bin())
+        .args([
+            "keys",
+            "import",
+            "--hash",
+            &line,
+            "--service-account",
+            "sa-ext",
+            "--scope",
+            "a.b",
+            "--keys-file",
+        ])
+        .arg(&kf)
+        .output()
+        .unwrap();
+    ok(&out);
+    let records = keygate::keys::load_key_file(&kf).unwrap();
+    assert_eq!(records[0].hash, keygate::keys::digest(b"external-secret-1"));
+    assert_eq!(records[0].service_account, "sa-ext");
+}
+
+#[test]
+fn bad_inputs_give_one_line_and_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    write(
+        &dir.path().join("keygate.yaml"),
+        "keys_file: keys.yaml\nknown_scopes: [yc.postbox.send, yc.ydb.tables.manage]\nroutes: []\n",
+    );
+    let cfg = dir.path().join("keygate.yaml");
+    let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (vec!["revoke", "nope"], Some("nope")),
+        (vec!["rotate", "nope"], Some("nope")),
+        (
+            vec![
+                "create",
+                "--service-account",
+                "sa",
+                "--scope",
+                "yc.postbox.send",
+                "--expires-in",
+                "soon",
+            ],
+            Some("soon"),
+        ),
+        (
+            vec![
+                "create",
+                "--service-account",
+                "sa",
+                "--scope",
+                "yc.postbox.sned",
+            ],
+            Some("yc.postbox.send"),
+        ),
+    ];
+    for (args, mention) in cases {
+        let out = keys(&cfg, &args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        if let Some(m) = mention {
+            assert!(err.contains(m), "{args:?}: {err}");
+        }
+    }
+    assert_eq!(keys(&cfg, &["revoke", "nope"]).status.code(), Some(1));
+
+    // Unwritable folder: clear error, file untouched.
+    let ro = tempfile::tempdir().unwrap();
+    write(&ro.path().join("keys.yaml"), "keys: []\n");
+    std::fs::set_permissions(ro.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "keys",
+            "create",
+            "--service-account",
+            "sa",
+            "--scope",
+            "a.b",
+            "--keys-file",
+        ])
+        .arg(ro.path().join("keys.yaml"))
+        .output()
+        .unwrap();
+    std::fs::set_permissions(ro.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Root ignores folder permissions; only check when the write really was refused.
+    if !out.status.success() {
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+            1
+        );
+        assert_eq!(
+            std::fs::read_to_string(ro.path().join("keys.yaml")).unwrap(),
+            "keys: []\n"
+        );
+    }
+    let _ = Duration::from_secs(0);
+}

@@ -1,0 +1,11 @@
+//! Black-box tests over real sockets: a real gateway, real upstreams, real clients.
+
+mod support;
+
+mod auth;
+mod cli;
+mod forwarding;
+mod keys_cli;
+mod paths;
+mod reload;
+mod routing;

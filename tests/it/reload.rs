@@ -1,0 +1,195 @@
+//! Hot reload: in-place writes, renames, Kubernetes `..data` swaps, invalid files, SIGHUP-free.
+
+use std::os::unix::fs::symlink;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+async fn status(gw: &Gateway, path: &str, k: &TestKey) -> u16 {
+    get(gw.addr, path, &[&format!("Authorization: {}", k.auth())])
+        .await
+        .status
+}
+
+async fn becomes(gw: &Gateway, path: &str, k: &TestKey, want: u16) -> bool {
+    eventually(2, || async { status(gw, path, k).await == want }).await
+}
+
+async fn setup(keys: &[&TestKey]) -> (Upstream, Gateway) {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&route("api", "/api/", &up.url(), ""), keys).await;
+    (up, gw)
+}
+
+#[tokio::test]
+async fn in_place_write_is_picked_up() {
+    let a = TestKey::new("a", "sa", &[]);
+    let b = TestKey::new("b", "sa", &[]);
+    let (_up, gw) = setup(&[&a]).await;
+    assert_eq!(status(&gw, "/api/x", &b).await, 401);
+    write(&gw.path("keys.yaml"), &key_file(&[&a, &b]));
+    assert!(
+        becomes(&gw, "/api/x", &b, 200).await,
+        "new key not picked up within 2 s"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn rename_is_picked_up() {
+    let a = TestKey::new("a", "sa", &[]);
+    let (_up, gw) = setup(&[&a]).await;
+    for round in 0..3 {
+        let revoked = a.entry().replace(
+            "created_at",
+            "revoked_at: 2026-01-01T00:00:00Z\n    created_at",
+        );
+        let text = if round % 2 == 0 {
+            format!("keys:\n{revoked}")
+        } else {
+            key_file(&[&a])
+        };
+        let tmp = gw.path(".keys.yaml.swp");
+        write(&tmp, &text);
+        std::fs::rename(&tmp, gw.path("keys.yaml")).unwrap();
+        let want = if round % 2 == 0 { 401 } else { 200 };
+        assert!(becomes(&gw, "/api/x", &a, want).await, "round {round}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn kubernetes_data_symlink_swap_is_picked_up() {
+    let a = TestKey::new("a", "sa", &[]);
+    let b = TestKey::new("b", "sa", &[]);
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("..2026_11_29_a")).unwrap();
+    write(&d.join("..2026_11_29_a/keys.yaml"), &key_file(&[&a]));
+    symlink("..2026_11_29_a", d.join("..data")).unwrap();
+    symlink("..data/keys.yaml", d.join("keys.yaml")).unwrap();
+    write(
+        &d.join("keygate.yaml"),
+        &format!(
+            "keys_file: keys.yaml\nroutes:\n{}",
+            route("api", "/api/", &up.url(), "")
+        ),
+    );
+    let gw = Gateway::start_in(dir).await;
+    assert_eq!(status(&gw, "/api/x", &a).await, 200);
+    for (i, keys) in [[&b], [&a]].iter().enumerate() {
+        // What the kubelet does: new folder, new symlink, atomic rename over ..data.
+        let new_dir = format!("..2026_11_29_{i}");
+        std::fs::create_dir(gw.path(&new_dir)).unwrap();
+        write(
+            &gw.path(&new_dir).join("keys.yaml"),
+            &key_file(keys.as_slice()),
+        );
+        symlink(&new_dir, gw.path("..data_tmp")).unwrap();
+        std::fs::rename(gw.path("..data_tmp"), gw.path("..data")).unwrap();
+        let (on, off) = if i == 0 { (&b, &a) } else { (&a, &b) };
+        assert!(
+            becomes(&gw, "/api/x", on, 200).await,
+            "swap {i}: new key not active"
+        );
+        assert_eq!(
+            status(&gw, "/api/x", off).await,
+            401,
+            "swap {i}: old key still active"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_file_keeps_the_last_good_snapshot() {
+    let a = TestKey::new("a", "sa", &[]);
+    let b = TestKey::new("b", "sa", &[]);
+    let (_up, gw) = setup(&[&a]).await;
+    let bad_texts = [
+        format!("keys:\n{}    surprise: 1\n", b.entry()),
+        "keys:\n  - id: [broken\n".to_string(),
+        String::new(),
+        format!("keys:\n{}", b.entry().replace("sha256:", "md5:")),
+    ];
+    for bad in &bad_texts {
+        write(&gw.path("keys.yaml"), bad);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            status(&gw, "/api/x", &a).await,
+            200,
+            "old snapshot lost after {bad:?}"
+        );
+        assert_eq!(status(&gw, "/api/x", &b).await, 401);
+    }
+    // Deleted, then replaced by a directory: still serving.
+    std::fs::remove_file(gw.path("keys.yaml")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&gw, "/api/x", &a).await, 200);
+    std::fs::create_dir(gw.path("keys.yaml")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&gw, "/api/x", &a).await, 200);
+    std::fs::remove_dir(gw.path("keys.yaml")).unwrap();
+    write(&gw.path("keys.yaml"), &key_file(&[&b]));
+    assert!(becomes(&gw, "/api/x", &b, 200).await);
+    assert_eq!(status(&gw, "/api/x", &a).await, 401);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn config_changes_reload_routes_and_bad_config_keeps_old() {
+    let a = TestKey::new("a", "sa", &[]);
+    let (up, gw) = setup(&[&a]).await;
+    assert_eq!(status(&gw, "/new/x", &a).await, 404);
+    let good = format!(
+        "keys_file: keys.yaml\nroutes:\n{}{}",
+        route("api", "/api/", &up.url(), ""),
+        route("new", "/new/", &up.url(), "")
+    );
+    write(&gw.path("keygate.yaml"), &good);
+    assert!(becomes(&gw, "/new/x", &a, 200).await);
+    write(
+        &gw.path("keygate.yaml"),
+        &good.replace("path_prefix: /new/", "path_prefx: /new/"),
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(status(&gw, "/new/x", &a).await, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn hundred_thousand_keys_load() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::with_capacity(100_000 * 200);
+    text.push_str("keys:\n");
+    let probe = TestKey::new("probe", "sa-probe", &["s.x"]);
+    for i in 0..99_999 {
+        let hash = keygate::keys::hash_line(format!("bulk-key-{i}").as_bytes());
+        text.push_str(&format!(
+            "  - id: bulk{i}\n    hash: {hash}\n    service_account: sa-{}\n    scopes: [s.x]\n    created_at: 2026-01-01T00:00:00Z\n",
+            i % 100
+        ));
+    }
+    text.push_str(&probe.entry());
+    write(&dir.path().join("keys.yaml"), &text);
+    write(
+        &dir.path().join("keygate.yaml"),
+        &format!(
+            "keys_file: keys.yaml\nroutes:\n{}",
+            route("api", "/api/", &up.url(), "    scopes: [s.x]\n")
+        ),
+    );
+    let started = Instant::now();
+    let gw = Gateway::start_in(dir).await;
+    assert!(eventually(60, || async { status(&gw, "/api/x", &probe).await == 200 }).await);
+    eprintln!(
+        "100k keys: first request served after {:?}",
+        started.elapsed()
+    );
+    let r = get(gw.addr, "/api/x", &["Authorization: Api-Key bulk-key-4242"]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().headers.get("x-api-key-id").unwrap(), "bulk4242");
+    gw.stop().await;
+}

@@ -1,0 +1,449 @@
+//! Test support: a recording upstream on port 0, a gateway in a temp folder, raw HTTP clients.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+    pub body_len: usize,
+    pub body_sha256: String,
+}
+
+/// A real HTTP server on 127.0.0.1:0 that records requests and answers per `x-upstream-mode`:
+/// `big` (10 MiB body), `sleep` (3 s before answering), `hop` (hop-by-hop response headers),
+/// otherwise a JSON summary of the request.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+pub const BIG: usize = 10 * 1024 * 1024;
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let rec = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(rec.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+async fn answer(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    req: Request<Incoming>,
+) -> Result<Response<UpBody>, hyper::Error> {
+    let (parts, body) = req.into_parts();
+    let mode = parts
+        .headers
+        .get("x-upstream-mode")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    let mut len = 0usize;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            len += data.len();
+            hasher.update(&data);
+        }
+    }
+    let sha = hex::encode(hasher.finalize());
+    seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body_len: len,
+        body_sha256: sha.clone(),
+    });
+    match mode.as_str() {
+        "big" => {
+            let chunks = (0..BIG / 65536).map(|i| {
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![
+                    (i % 251) as u8;
+                    65536
+                ])))
+            });
+            let stream = futures_util_stream(chunks.collect());
+            return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
+        }
+        "sleep" => tokio::time::sleep(Duration::from_secs(3)).await,
+        _ => {}
+    }
+    let mut headers = HashMap::new();
+    for (k, v) in &parts.headers {
+        headers.insert(
+            k.to_string(),
+            String::from_utf8_lossy(v.as_bytes()).to_string(),
+        );
+    }
+    let doc = serde_json::json!({
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
+        "headers": headers,
+        "body_len": len,
+        "body_sha256": sha,
+    });
+    let mut resp = Response::new(BodyExt::boxed(Full::new(Bytes::from(doc.to_string()))));
+    if mode == "hop" {
+        let h = resp.headers_mut();
+        h.insert("connection", "x-upstream-private".parse().unwrap());
+        h.insert("x-upstream-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-upstream-public", "1".parse().unwrap());
+    }
+    Ok(resp)
+}
+
+fn futures_util_stream(
+    items: Vec<Result<Frame<Bytes>, std::convert::Infallible>>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Send + Sync
+{
+    tokio_stream::iter(items)
+}
+
+/// A key with its file entry.
+pub struct TestKey {
+    pub id: String,
+    pub secret: String,
+    pub sa: String,
+    pub scopes: Vec<String>,
+    pub extra: String,
+}
+
+impl TestKey {
+    pub fn new(id: &str, sa: &str, scopes: &[&str]) -> TestKey {
+        TestKey {
+            id: id.into(),
+            secret: keygate::keys::generate().unwrap(),
+            sa: sa.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            extra: String::new(),
+        }
+    }
+
+    /// Adds raw YAML fields (e.g. "    expires_at: ...\n").
+    pub fn with(mut self, extra: &str) -> TestKey {
+        self.extra.push_str(extra);
+        self
+    }
+
+    pub fn entry(&self) -> String {
+        let scopes: Vec<String> = self.scopes.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "  - id: {}\n    hash: {}\n    service_account: {}\n    scopes: [{}]\n    created_at: 2026-01-01T00:00:00Z\n{}",
+            self.id,
+            keygate::keys::hash_line(self.secret.as_bytes()),
+            self.sa,
+            scopes.join(", "),
+            self.extra
+        )
+    }
+
+    pub fn auth(&self) -> String {
+        format!("Api-Key {}", self.secret)
+    }
+}
+
+pub fn key_file(keys: &[&TestKey]) -> String {
+    if keys.is_empty() {
+        return "keys: []\n".into();
+    }
+    let mut s = String::from("keys:\n");
+    for k in keys {
+        s.push_str(&k.entry());
+    }
+    s
+}
+
+/// A running gateway over files in a temp folder.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `routes` (YAML list items, indented by two spaces) and `keys`.
+    pub async fn start(routes: &str, keys: &[&TestKey]) -> Gateway {
+        Gateway::start_with("", routes, keys).await
+    }
+
+    pub async fn start_with(top: &str, routes: &str, keys: &[&TestKey]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.yaml"), key_file(keys)).unwrap();
+        let cfg = format!("keys_file: keys.yaml\n{top}routes:\n{routes}");
+        std::fs::write(dir.path().join("keygate.yaml"), cfg).unwrap();
+        Gateway::start_in(dir).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let path = dir.path().join("keygate.yaml");
+        let task = tokio::spawn(async move {
+            keygate::serve(&path, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let gw = Gateway {
+            addr,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        // Serving starts after the first load; tests must not race it with file edits.
+        assert!(
+            eventually(60, || async {
+                get(addr, "/__keygate_ready", &[]).await.status > 0
+            })
+            .await,
+            "gateway did not start"
+        );
+        gw
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `error` code of a JSON error body.
+    pub fn code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or("").to_string()
+    }
+
+    /// The upstream's view of the headers (from the echo JSON).
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name].as_str().map(str::to_string)
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads one response (the connection is closed after).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = vec![0u8; 65536];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(r) = try_parse(&buf) {
+                return Some(r);
+            }
+        }
+        try_parse(&buf)
+    })
+    .await;
+    match read {
+        Ok(Some(r)) => r,
+        _ => panic!(
+            "no complete response; got {:?}",
+            String::from_utf8_lossy(&buf)
+        ),
+    }
+}
+
+fn try_parse(buf: &[u8]) -> Option<Reply> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers = http::HeaderMap::new();
+    for l in lines {
+        let (k, v) = l.split_once(':')?;
+        headers.append(
+            http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
+            http::HeaderValue::from_str(v.trim()).ok()?,
+        );
+    }
+    let rest = &buf[end + 4..];
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v == "chunked")
+    {
+        dechunk(rest)?
+    } else if let Some(len) = headers.get("content-length") {
+        let len: usize = len.to_str().ok()?.parse().ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..eol])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if b.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// GET with optional extra header lines ("Name: value").
+pub async fn get(addr: SocketAddr, path: &str, headers: &[&str]) -> Reply {
+    request(addr, "GET", path, headers, b"").await
+}
+
+/// One HTTP/1.1 request with `Connection: close`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Reply {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    raw(addr, &bytes).await
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A route item for a config.
+pub fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
+    format!("  - name: {name}\n    path_prefix: {prefix}\n    upstream: {upstream}\n{extra}")
+}
+
+/// Path to the built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keygate")
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn ok_status() -> StatusCode {
+    StatusCode::OK
+}
