@@ -126,6 +126,18 @@ pub struct Config {
     pub known_scopes: Option<Vec<String>>,
     /// The compiled route table.
     pub routes: RouteTable,
+    /// TLS on `listen`, when set.
+    pub tls: Option<TlsFiles>,
+    /// Address of the health and metrics listener, when set.
+    pub admin_listen: Option<SocketAddr>,
+    /// Access log format.
+    pub log_format: LogFormat,
+    /// Limits.
+    pub limits: Limits,
+    /// Time in-flight requests get after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Whether metrics carry key ids.
+    pub metrics_per_key: bool,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +151,44 @@ struct RawConfig {
     known_scopes: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    tls: Option<Spanned<RawTls>>,
+    admin_listen: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    limits: Option<RawLimits>,
+    shutdown_grace: Option<Spanned<String>>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_header_bytes: Option<Spanned<SizeText>>,
+    header_read_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    upstream_connect_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    per_key: bool,
+}
+
+/// A size written as a byte count or as text like `10MiB`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeText {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -163,6 +213,54 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     public: Option<Spanned<bool>>,
+    max_body: Option<Spanned<SizeText>>,
+    ca_file: Option<Spanned<String>>,
+    tls_server_name: Option<Spanned<String>>,
+}
+
+/// Where the gateway's TLS certificate and key live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, RSA or SEC1).
+    pub key: PathBuf,
+}
+
+/// Access log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Space-separated fields.
+    Text,
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (431 beyond).
+    pub max_header_bytes: u64,
+    /// Time a client gets to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Time to establish an upstream connection.
+    pub upstream_connect_timeout: Duration,
+    /// Concurrent downstream connections; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            upstream_connect_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// Default listen address when the config names none.
@@ -178,6 +276,73 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(t)
         .map_err(|e| format!("invalid duration {text:?}: {e} (expected e.g. 500ms, 30s, 2m, 90d)"))
+}
+
+/// Parses a size: a byte count, or a number with `KiB`, `MiB` or `GiB` (`B` and `KB`/`MB`/`GB`
+/// are read as the binary units too).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: expected e.g. 65536, 64KiB, 10MiB, 1GiB"
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {text:?}: expected e.g. 65536, 64KiB, 10MiB, 1GiB"))
+}
+
+fn size_value(s: &Spanned<SizeText>, file: &Path, problems: &mut Vec<Problem>) -> Option<u64> {
+    let r = match &s.value {
+        SizeText::Bytes(n) => Ok(*n),
+        SizeText::Text(t) => parse_size(t),
+    };
+    match r {
+        Ok(0) => {
+            problems.push(Problem::at(
+                file,
+                s.referenced,
+                "size must be greater than zero",
+            ));
+            None
+        }
+        Ok(n) => Some(n),
+        Err(e) => {
+            problems.push(Problem::at(file, s.referenced, e));
+            None
+        }
+    }
+}
+
+fn duration_value(
+    s: &Spanned<String>,
+    file: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    match parse_duration(&s.value) {
+        Ok(d) if d.is_zero() => {
+            problems.push(Problem::at(
+                file,
+                s.referenced,
+                "duration must be greater than zero",
+            ));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(Problem::at(file, s.referenced, e));
+            None
+        }
+    }
 }
 
 /// Scope names: dot-separated words, optionally ending in `.*`, or `*` alone.
@@ -334,6 +499,85 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
             .collect::<Vec<_>>()
     });
 
+    let tls = raw.tls.as_ref().map(|t| TlsFiles {
+        cert: resolve(&base, &t.value.cert.value),
+        key: resolve(&base, &t.value.key.value),
+    });
+    let admin_listen =
+        raw.admin_listen
+            .as_ref()
+            .and_then(|a| match a.value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.push(Problem::at(
+                        path,
+                        a.referenced,
+                        format!(
+                            "invalid admin_listen address {:?}: expected IP:PORT",
+                            a.value
+                        ),
+                    ));
+                    None
+                }
+            });
+    let log_format = match raw.log_format.as_ref().map(|f| (f, f.value.as_str())) {
+        None | Some((_, "json")) => LogFormat::Json,
+        Some((_, "text")) => LogFormat::Text,
+        Some((f, other)) => {
+            problems.push(Problem::at(
+                path,
+                f.referenced,
+                format!("invalid log_format {other:?}: expected json or text"),
+            ));
+            LogFormat::Json
+        }
+    };
+    let mut limits = Limits::default();
+    if let Some(l) = &raw.limits {
+        if let Some(v) = l
+            .max_header_bytes
+            .as_ref()
+            .and_then(|v| size_value(v, path, &mut problems))
+        {
+            limits.max_header_bytes = v;
+        }
+        for (field, slot) in [
+            (&l.header_read_timeout, &mut limits.header_read_timeout),
+            (&l.idle_timeout, &mut limits.idle_timeout),
+            (
+                &l.upstream_connect_timeout,
+                &mut limits.upstream_connect_timeout,
+            ),
+        ] {
+            if let Some(d) = field
+                .as_ref()
+                .and_then(|v| duration_value(v, path, &mut problems))
+            {
+                *slot = d;
+            }
+        }
+        if let Some(m) = &l.max_connections {
+            match usize::try_from(m.value) {
+                Ok(n) if n > 0 => limits.max_connections = n,
+                _ => problems.push(Problem::at(
+                    path,
+                    m.referenced,
+                    "max_connections must be at least 1",
+                )),
+            }
+        }
+    }
+    let shutdown_grace = match &raw.shutdown_grace {
+        None => Duration::from_secs(30),
+        Some(g) => match parse_duration(&g.value) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(Problem::at(path, g.referenced, e));
+                Duration::from_secs(30)
+            }
+        },
+    };
+
     let mut routes = Vec::with_capacity(raw.routes.len());
     let mut names: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for r in &raw.routes {
@@ -349,7 +593,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
                 ),
             ));
         }
-        if let Some(route) = check_route(path, loc, r, known_scopes.as_deref(), &mut problems) {
+        if let Some(route) =
+            check_route(path, &base, loc, r, known_scopes.as_deref(), &mut problems)
+        {
             routes.push(route);
         }
     }
@@ -367,11 +613,18 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         identity,
         known_scopes,
         routes: RouteTable::new(routes),
+        tls,
+        admin_listen,
+        log_format,
+        limits,
+        shutdown_grace,
+        metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
     })
 }
 
 fn check_route(
     path: &Path,
+    base: &Path,
     loc: serde_saphyr::Location,
     r: &RawRoute,
     known_scopes: Option<&[String]>,
@@ -501,12 +754,50 @@ fn check_route(
             }
         });
 
+    let max_body = r
+        .max_body
+        .as_ref()
+        .and_then(|m| size_value(m, path, problems));
+    let is_https = upstream
+        .as_ref()
+        .is_some_and(|u| u.scheme == crate::routes::UpstreamScheme::Https);
+    for field in [&r.ca_file, &r.tls_server_name].into_iter().flatten() {
+        if !is_https && upstream.is_some() {
+            problems.push(Problem::at(
+                path,
+                field.referenced,
+                "ca_file and tls_server_name apply only to https:// upstreams",
+            ));
+        }
+    }
+    let ca_file = r.ca_file.as_ref().map(|c| resolve(base, &c.value));
+    if let (Some(file), Some(spanned)) = (&ca_file, &r.ca_file) {
+        if let Err(e) = crate::tls::load_roots(file) {
+            problems.push(Problem::at(path, spanned.referenced, e));
+        }
+    }
+    if let Some(n) = &r.tls_server_name {
+        if rustls_pki_types::ServerName::try_from(n.value.as_str()).is_err() {
+            problems.push(Problem::at(
+                path,
+                n.referenced,
+                format!("invalid tls_server_name {:?}", n.value),
+            ));
+        }
+    }
+
     if problems.len() != before {
         return None;
     }
     let upstream = upstream?;
     Some(Route {
-        name: r.name.value.clone(),
+        index: 0,
+        max_body,
+        upstream_tls: crate::routes::UpstreamTls {
+            ca_file,
+            server_name: r.tls_server_name.as_ref().map(|n| n.value.clone()),
+        },
+        name: r.name.value.as_str().into(),
         path_prefix: prefix.clone(),
         host,
         methods,
@@ -572,5 +863,17 @@ mod tests {
         );
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert!(parse_size("ten").is_err());
+        let cfg = parse("keys_file: k\nlimits:\n  max_header_bytes: 8KiB\n  idle_timeout: 2s\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    max_body: 1024\n").unwrap();
+        assert_eq!(cfg.limits.max_header_bytes, 8192);
+        assert_eq!(cfg.routes.iter().next().unwrap().max_body, Some(1024));
     }
 }

@@ -27,6 +27,9 @@ pub enum GatewayError {
     /// Upstream problems.
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    /// The request head is larger than `limits.max_header_bytes`.
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
 }
 
 /// gRPC status codes used here.
@@ -36,6 +39,7 @@ enum GrpcStatus {
     InvalidArgument = 3,
     DeadlineExceeded = 4,
     PermissionDenied = 7,
+    ResourceExhausted = 8,
     Unimplemented = 12,
     Unavailable = 14,
     Unauthenticated = 16,
@@ -89,7 +93,17 @@ impl GatewayError {
                     "upstream_timeout",
                     GrpcStatus::DeadlineExceeded,
                 ),
+                ForwardError::BodyTooLarge => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    GrpcStatus::ResourceExhausted,
+                ),
             },
+            GatewayError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                GrpcStatus::ResourceExhausted,
+            ),
         }
     }
 

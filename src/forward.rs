@@ -1,17 +1,25 @@
-//! Forwarding: builds the upstream request from a [`Permit`] and sends it on a pooled client.
+//! Forwarding: builds the upstream request from a [`Permit`] and sends it on a pooled client;
+//! enforces the route's body limit and timeout; splices upgraded (WebSocket) connections.
 
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, AUTHORIZATION, HOST};
-use http::{Request, Response, Uri, Version};
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::auth::{self, Credential, Permit};
-use crate::config::IdentityHeaders;
+use crate::config::{Config, IdentityHeaders};
 use crate::headers;
 use crate::routes::UpstreamScheme;
 
@@ -27,12 +35,75 @@ pub enum ForwardError {
     /// No response within the route's timeout.
     #[error("the upstream service did not answer in time")]
     Timeout,
+    /// The request body is larger than the route's `max_body`.
+    #[error("the request body is larger than this route accepts")]
+    BodyTooLarge,
 }
 
-/// Pooled upstream clients, one per protocol.
+/// A request body on its way upstream, cut off once it passes the route's `max_body`.
+pub struct RequestBody {
+    inner: Incoming,
+    remaining: u64,
+    tripped: Option<Arc<AtomicBool>>,
+}
+
+/// The error a cut-off body reports to the upstream client.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Over `max_body`.
+    #[error("request body over the route's limit")]
+    TooLarge,
+    /// The client's stream failed.
+    #[error(transparent)]
+    Client(#[from] hyper::Error),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        if let Some(t) = &this.tripped {
+                            t.store(true, Ordering::Relaxed);
+                        }
+                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// Pooled upstream clients, one per protocol (and per route with its own TLS settings).
 pub struct Forwarder {
-    http1: Client<HttpConnector, Incoming>,
-    h2c: Client<HttpConnector, Incoming>,
+    http1: Client<HttpConnector, RequestBody>,
+    h2c: Client<HttpConnector, RequestBody>,
+    https: HttpsClient,
+    https_by_route: Vec<Option<HttpsClient>>,
 }
 
 /// Facts about the downstream request that forwarding needs.
@@ -49,23 +120,73 @@ pub struct Downstream<'a> {
     pub https: bool,
 }
 
+fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(connect_timeout));
+    c.set_keepalive(Some(Duration::from_secs(60)));
+    c.enforce_http(false);
+    c
+}
+
+fn https_client(
+    connect_timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+    server_name: Option<&str>,
+) -> Result<HttpsClient, String> {
+    let tls = crate::tls::client_config(ca_file)?;
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let builder = match server_name {
+        Some(n) => {
+            let name = rustls::pki_types::ServerName::try_from(n.to_string())
+                .map_err(|_| format!("invalid tls_server_name {n:?}"))?;
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    let conn = builder
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector(connect_timeout));
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .set_host(false)
+        .build(conn))
+}
+
 impl Forwarder {
-    /// Builds the pooled clients.
-    pub fn new(connect_timeout: Duration) -> Forwarder {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    /// Builds the pooled clients a config needs.
+    pub fn new(config: &Config) -> Result<Forwarder, String> {
+        let ct = config.limits.upstream_connect_timeout;
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .set_host(false)
-            .build(connector.clone());
+            .build(connector(ct));
         let h2c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_only(true)
             .set_host(false)
-            .build(connector);
-        Forwarder { http1, h2c }
+            .build(connector(ct));
+        let https = https_client(ct, None, None)?;
+        let https_by_route = config
+            .routes
+            .iter()
+            .map(|r| {
+                let t = &r.upstream_tls;
+                if t.ca_file.is_none() && t.server_name.is_none() {
+                    return Ok(None);
+                }
+                https_client(ct, t.ca_file.as_deref(), t.server_name.as_deref()).map(Some)
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Forwarder {
+            http1,
+            h2c,
+            https,
+            https_by_route,
+        })
     }
 
     /// Sends the request upstream as the permit allows and returns the upstream's response.
@@ -78,6 +199,18 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, ForwardError> {
         let route = permit.route;
         let (mut parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let tripped = route.max_body.map(|_| Arc::new(AtomicBool::new(false)));
+        if let (Some(max), Some(len)) = (route.max_body, declared) {
+            if len > max {
+                return Err(ForwardError::BodyTooLarge);
+            }
+        }
+        let upgrade = headers::upgrade_request(&parts.headers).cloned();
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, true);
         // A key never reaches an upstream; other schemes pass through on public routes.
@@ -101,29 +234,79 @@ impl Forwarder {
         if let Some(host) = down.host {
             h.insert(HOST, host);
         }
-        parts.uri = upstream_uri(permit, down.path, down.query)?;
-        let client = match route.upstream.scheme {
-            UpstreamScheme::Http => {
-                parts.version = Version::HTTP_11;
-                &self.http1
+        let downstream_upgrade = match &upgrade {
+            Some(proto) => {
+                h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                h.insert(UPGRADE, proto.clone());
+                parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
             }
-            UpstreamScheme::H2c => {
-                parts.version = Version::HTTP_2;
-                &self.h2c
-            }
+            None => None,
         };
-        let send = client.request(Request::from_parts(parts, body));
+        parts.uri = upstream_uri(permit, down.path, down.query)?;
+        let body = RequestBody {
+            inner: body,
+            remaining: route.max_body.unwrap_or(u64::MAX),
+            tripped: tripped.clone(),
+        };
+        parts.version = match route.upstream.scheme {
+            UpstreamScheme::H2c => Version::HTTP_2,
+            UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,
+        };
+        let req = Request::from_parts(parts, body);
+        let send = match route.upstream.scheme {
+            UpstreamScheme::Http => self.http1.request(req),
+            UpstreamScheme::H2c => self.h2c.request(req),
+            UpstreamScheme::Https => match self
+                .https_by_route
+                .get(route.index)
+                .and_then(Option::as_ref)
+            {
+                Some(c) => c.request(req),
+                None => self.https.request(req),
+            },
+        };
         let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let mut resp = match tokio::time::timeout(deadline, send).await {
             Err(_) => return Err(ForwardError::Timeout),
             Ok(Err(e)) => {
+                if tripped.is_some_and(|t| t.load(Ordering::Relaxed)) {
+                    return Err(ForwardError::BodyTooLarge);
+                }
                 tracing::debug!(route = %route.name, error = %e, "upstream request failed");
                 return Err(ForwardError::Unavailable);
             }
             Ok(Ok(resp)) => resp,
         };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let proto = resp.headers().get(UPGRADE).cloned();
+            headers::strip_hop_by_hop(resp.headers_mut(), false);
+            if let (Some(down_up), Some(proto)) = (downstream_upgrade, proto) {
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                resp.headers_mut().insert(UPGRADE, proto);
+                let up_up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(splice(down_up, up_up));
+            }
+            return Ok(resp);
+        }
         headers::strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
@@ -131,13 +314,18 @@ fn upstream_uri(permit: Permit<'_>, path: &str, query: Option<&str>) -> Result<U
     let route = permit.route;
     let up = &route.upstream;
     let path = route.upstream_path(path);
+    let scheme = match up.scheme {
+        UpstreamScheme::Https => "https://",
+        UpstreamScheme::Http | UpstreamScheme::H2c => "http://",
+    };
     let mut s = String::with_capacity(
-        8 + up.authority.as_str().len()
+        scheme.len()
+            + up.authority.as_str().len()
             + up.base_path.len()
             + path.len()
             + query.map_or(0, |q| q.len() + 1),
     );
-    s.push_str("http://");
+    s.push_str(scheme);
     s.push_str(up.authority.as_str());
     s.push_str(&up.base_path);
     s.push_str(path);

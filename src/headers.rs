@@ -85,6 +85,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     }
 }
 
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`).
+pub fn upgrade_request(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let wants = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+            .unwrap_or(false)
+    });
+    if wants {
+        headers.get(header::UPGRADE)
+    } else {
+        None
+    }
+}
+
 /// Sets `X-Forwarded-For` (client appended), `-Proto` and `-Host`.
 pub fn set_forwarded(
     headers: &mut HeaderMap,

@@ -321,6 +321,8 @@ pub struct KeyEntry {
     pub revoked: bool,
     /// Last successful use in unix seconds, 0 for never; survives reloads.
     pub last_used: Arc<AtomicI64>,
+    /// Per-key request counter, registered on first use when `metrics.per_key` is on.
+    pub uses: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl fmt::Debug for KeyEntry {
@@ -390,6 +392,7 @@ impl KeyStore {
                 expires_at: r.expires_at.map(OffsetDateTime::unix_timestamp),
                 revoked: r.revoked_at.is_some(),
                 last_used,
+                uses: std::sync::OnceLock::new(),
             };
             by_hash.insert(r.hash, entry);
         }

@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod accesslog;
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -24,14 +26,18 @@ pub mod headers;
 pub mod keyadmin;
 pub mod keyfile;
 pub mod keys;
+pub mod metrics;
+pub mod observe;
 pub mod path;
 pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +45,6 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::config::Problems;
-use crate::forward::Forwarder;
 use crate::reload::ReloadStats;
 use crate::server::Gateway;
 
@@ -54,45 +59,91 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Default time in-flight requests get to finish after shutdown starts.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default upstream connect timeout.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Serves the gateway described by `config_path` on `listener` until `shutdown` resolves.
+///
+/// On shutdown, readiness turns false, the listener closes, in-flight requests get
+/// `shutdown_grace` to finish, and last-used state is flushed.
 pub async fn serve(
     config_path: &Path,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let (snapshot, fingerprints) = reload::load(config_path)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (snapshot, fingerprints) = reload::load(config_path, &metrics)?;
+    let config = snapshot.config.clone();
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let pair = tls::load_pair(&files.cert, &files.key)
+                .map_err(|e| Problems(vec![config::Problem::whole(config_path, e)]))?;
+            let resolver = Arc::new(tls::CertResolver::new(pair));
+            let server_config = tls::server_config(resolver.clone())
+                .map_err(|e| Problems(vec![config::Problem::whole(config_path, e)]))?;
+            Some((
+                resolver,
+                tokio_rustls::TlsAcceptor::from(Arc::new(server_config)),
+            ))
+        }
+    };
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(
         config = %config_path.display(),
-        routes = snapshot.config.routes.len(),
+        routes = config.routes.len(),
         keys = snapshot.keys.len(),
         listen = %listener.local_addr()?,
+        tls = config.tls.is_some(),
+        admin = ?config.admin_listen,
         "keygate serving"
     );
-    state::apply(&state::load(&snapshot.config.state_file), &snapshot.keys);
+    state::apply(&state::load(&config.state_file), &snapshot.keys);
     let current = Arc::new(ArcSwap::from_pointee(snapshot));
     let stats = Arc::new(ReloadStats::default());
+    let (access_log, log_writer) = accesslog::AccessLog::start();
     let gateway = Arc::new(Gateway {
         snapshot: current.clone(),
-        forwarder: Forwarder::new(DEFAULT_CONNECT_TIMEOUT),
         reload_stats: stats.clone(),
+        metrics: metrics.clone(),
+        access_log,
+        ready: AtomicBool::new(false),
     });
-    let reloader = tokio::spawn(reload::run(
-        current.clone(),
-        config_path.to_path_buf(),
-        fingerprints,
+    let reloader = Arc::new(reload::Reloader {
+        current: current.clone(),
+        config_path: config_path.to_path_buf(),
         stats,
-    ));
-    let flusher = tokio::spawn(flush_state_loop(current.clone()));
-    server::accept_loop(gateway, listener, shutdown, DEFAULT_SHUTDOWN_GRACE).await;
-    reloader.abort();
-    flusher.abort();
+        metrics: metrics.clone(),
+        tls: tls.as_ref().map(|(r, _)| r.clone()),
+    });
+    let mut background = vec![
+        tokio::spawn(reload::run(reloader, fingerprints)),
+        tokio::spawn(flush_state_loop(current.clone())),
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.upkeep();
+            }
+        }),
+    ];
+    if let Some(l) = admin_listener {
+        background.push(tokio::spawn(admin::run(gateway.clone(), l)));
+    }
+    server::accept_loop(gateway.clone(), listener, tls.map(|(_, a)| a), shutdown).await;
+    for task in background {
+        task.abort();
+    }
     let last = current.load_full();
     let _ = tokio::task::spawn_blocking(move || flush_state(&last, &mut None)).await;
+    // The writer thread ends once the last sender is gone; connections still draining past
+    // the grace period may hold one, so do not wait for it forever.
+    drop(gateway);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || log_writer.join()),
+    )
+    .await;
     Ok(())
 }
 

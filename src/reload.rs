@@ -13,15 +13,21 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Problem, Problems};
+use crate::forward::Forwarder;
 use crate::keys::{self, KeyStore};
+use crate::metrics::{Metrics, RouteStats};
+use crate::tls::CertResolver;
 
 /// Everything one request needs, immutable; requests keep the one they started with.
-#[derive(Debug)]
 pub struct Snapshot {
     /// Routes and settings.
     pub config: Arc<Config>,
     /// Keys by hash.
     pub keys: Arc<KeyStore>,
+    /// Upstream clients for this config's routes.
+    pub forwarder: Arc<Forwarder>,
+    /// Metric handles, by route index.
+    pub route_stats: Arc<Vec<RouteStats>>,
 }
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
@@ -30,6 +36,45 @@ pub struct Fingerprints {
     config: [u8; 32],
     keys: [u8; 32],
     keys_path: PathBuf,
+    tls: [u8; 32],
+}
+
+/// What reload needs besides the files.
+pub struct Reloader {
+    /// The snapshot the request path reads.
+    pub current: Arc<ArcSwap<Snapshot>>,
+    /// The config file.
+    pub config_path: PathBuf,
+    /// Outcome counters.
+    pub stats: Arc<ReloadStats>,
+    /// Registry for new routes' metric handles.
+    pub metrics: Arc<Metrics>,
+    /// The listener's certificate, when TLS is on.
+    pub tls: Option<Arc<CertResolver>>,
+}
+
+/// Builds the per-config parts of a snapshot.
+fn config_parts(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(Arc<Forwarder>, Arc<Vec<RouteStats>>), Problems> {
+    let forwarder =
+        Forwarder::new(config).map_err(|e| Problems(vec![Problem::whole(&config.path, e)]))?;
+    Ok((
+        Arc::new(forwarder),
+        Arc::new(metrics.for_routes(&config.routes)),
+    ))
+}
+
+/// Hash of the TLS certificate and key files together.
+fn tls_fingerprint(config: &Config) -> [u8; 32] {
+    let Some(t) = &config.tls else { return [0; 32] };
+    let mut h = Sha256::new();
+    for p in [&t.cert, &t.key] {
+        h.update(std::fs::read(p).unwrap_or_default());
+        h.update([0xff]);
+    }
+    h.finalize().into()
 }
 
 /// Counters of reload outcomes, by file.
@@ -43,6 +88,10 @@ pub struct ReloadStats {
     pub keys_ok: AtomicU64,
     /// Key file reloads rejected.
     pub keys_err: AtomicU64,
+    /// Certificate reloads swapped in.
+    pub tls_ok: AtomicU64,
+    /// Certificate reloads rejected.
+    pub tls_err: AtomicU64,
 }
 
 /// How often files are re-hashed even without a change notification.
@@ -76,7 +125,7 @@ fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
 }
 
 /// Loads config and key file for the first time; any problem is fatal here.
-pub fn load(config_path: &Path) -> Result<(Snapshot, Fingerprints), Problems> {
+pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerprints), Problems> {
     let (text, config_hash) = read(config_path, "config")?;
     let config = Config::parse(config_path, &text)?;
     let (keys_text, keys_hash) = read(&config.keys_file, "key file").map_err(|mut p| {
@@ -87,34 +136,40 @@ pub fn load(config_path: &Path) -> Result<(Snapshot, Fingerprints), Problems> {
     })?;
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
     let store = KeyStore::build(&records, None);
+    let (forwarder, route_stats) = config_parts(&config, metrics)?;
     let fp = Fingerprints {
         config: config_hash,
         keys: keys_hash,
         keys_path: config.keys_file.clone(),
+        tls: tls_fingerprint(&config),
     };
     Ok((
         Snapshot {
             config: Arc::new(config),
             keys: Arc::new(store),
+            forwarder,
+            route_stats,
         },
         fp,
     ))
 }
 
 /// One reload pass: re-reads whatever changed and swaps if it is valid.
-pub fn reload_once(
-    current: &ArcSwap<Snapshot>,
-    config_path: &Path,
-    fp: &mut Fingerprints,
-    stats: &ReloadStats,
-) {
+pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) {
+    let (current, config_path, stats) = (&r.current, r.config_path.as_path(), &r.stats);
     let old = current.load_full();
     let mut config = old.config.clone();
+    let mut parts = (old.forwarder.clone(), old.route_stats.clone());
     let mut changed = false;
 
     match read(config_path, "config") {
-        Ok((text, hash)) if hash != fp.config => match Config::parse(config_path, &text) {
-            Ok(new) => {
+        Ok((text, hash)) if hash != fp.config => match Config::parse(config_path, &text)
+            .and_then(|c| config_parts(&c, &r.metrics).map(|p| (c, p)))
+        {
+            Ok((new, new_parts)) => {
+                if new.tls.is_some() != config.tls.is_some() {
+                    tracing::warn!("turning TLS on or off takes effect only after a restart");
+                }
                 if new.listen != config.listen {
                     tracing::warn!(
                         old = %config.listen, new = %new.listen,
@@ -124,6 +179,7 @@ pub fn reload_once(
                 tracing::info!(file = %config_path.display(), routes = new.routes.len(), "config reloaded");
                 fp.config = hash;
                 config = Arc::new(new);
+                parts = new_parts;
                 changed = true;
                 stats.config_ok.fetch_add(1, Ordering::Relaxed);
             }
@@ -169,8 +225,35 @@ pub fn reload_once(
         }
     }
 
+    if let Some(resolver) = &r.tls {
+        let hash = tls_fingerprint(&config);
+        if hash != fp.tls {
+            fp.tls = hash;
+            if let Some(files) = &config.tls {
+                match crate::tls::load_pair(&files.cert, &files.key) {
+                    Ok(pair) => {
+                        resolver.swap(pair);
+                        tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                        stats.tls_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Two separate writes (cert, then key) pass through a mismatched
+                        // state: it is refused, and the matching pair is taken once complete.
+                        tracing::error!("{e} (rejected; the current certificate keeps serving)");
+                        stats.tls_err.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
     if changed {
-        current.store(Arc::new(Snapshot { config, keys }));
+        current.store(Arc::new(Snapshot {
+            config,
+            keys,
+            forwarder: parts.0,
+            route_stats: parts.1,
+        }));
     }
 }
 
@@ -181,8 +264,14 @@ fn log_rejected(problems: &Problems) {
 }
 
 fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
-    [config_path, snapshot.config.keys_file.as_path()]
+    let c = &snapshot.config;
+    let tls = c
+        .tls
         .iter()
+        .flat_map(|t| [t.cert.as_path(), t.key.as_path()]);
+    [config_path, c.keys_file.as_path()]
+        .into_iter()
+        .chain(tls)
         .map(|p| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -192,12 +281,9 @@ fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
 
 /// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
 /// seen), SIGHUP, and a periodic re-check; runs until the task is dropped.
-pub async fn run(
-    current: Arc<ArcSwap<Snapshot>>,
-    config_path: PathBuf,
-    mut fp: Fingerprints,
-    stats: Arc<ReloadStats>,
-) {
+pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
+    let current = reloader.current.clone();
+    let config_path = reloader.config_path.clone();
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let notify_tx = tx.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -242,14 +328,9 @@ pub async fn run(
         }
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
-        let (cur, path, mut f, st) = (
-            current.clone(),
-            config_path.clone(),
-            fp.clone(),
-            stats.clone(),
-        );
+        let (r, mut f) = (reloader.clone(), fp.clone());
         let done = tokio::task::spawn_blocking(move || {
-            reload_once(&cur, &path, &mut f, &st);
+            reload_once(&r, &mut f);
             f
         })
         .await;

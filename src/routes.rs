@@ -59,6 +59,8 @@ pub enum UpstreamScheme {
     Http,
     /// HTTP/2 with prior knowledge over TCP (gRPC servers).
     H2c,
+    /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS.
+    Https,
 }
 
 /// Where a route sends its requests.
@@ -73,19 +75,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses `http://host:port[/base]` or `h2c://host:port[/base]`.
+    /// Parses `http://`, `https://` or `h2c://` `host[:port][/base]`.
     pub fn parse(text: &str) -> Result<Upstream, String> {
         let bad = |why: &str| format!("invalid upstream URL {text:?}: {why}");
         let uri: http::Uri = text.parse().map_err(|_| bad("not a URL"))?;
         let scheme = match uri.scheme_str() {
             Some("http") => UpstreamScheme::Http,
             Some("h2c") => UpstreamScheme::H2c,
+            Some("https") => UpstreamScheme::Https,
             Some(other) => {
                 return Err(bad(&format!(
-                    "scheme {other:?} is not supported (use http:// or h2c://)"
+                    "scheme {other:?} is not supported (use http://, https:// or h2c://)"
                 )))
             }
-            None => return Err(bad("missing scheme (use http:// or h2c://)")),
+            None => return Err(bad("missing scheme (use http://, https:// or h2c://)")),
         };
         let authority = uri
             .authority()
@@ -112,8 +115,10 @@ impl Upstream {
 /// One checked route.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Position in declaration order; indexes per-route state such as metrics.
+    pub index: usize,
     /// Unique name (logs, metrics).
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Normalized prefix matched on whole segments.
     pub path_prefix: String,
     /// Optional host restriction.
@@ -130,6 +135,19 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// No key needed.
     pub public: bool,
+    /// Largest request body accepted, in bytes.
+    pub max_body: Option<u64>,
+    /// TLS settings for `https://` upstreams.
+    pub upstream_tls: UpstreamTls,
+}
+
+/// How an `https://` upstream is verified.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM bundle of CAs to trust instead of the built-in web roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Name to verify the certificate against (and send as SNI) instead of the URL host.
+    pub server_name: Option<String>,
 }
 
 impl Route {
@@ -172,7 +190,10 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Compiles the table from routes in declaration order.
-    pub fn new(routes: Vec<Route>) -> RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> RouteTable {
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = i;
+        }
         let mut order: Vec<usize> = (0..routes.len()).collect();
         // Stable sort keeps declaration order among equal prefix lengths.
         order.sort_by_key(|&i| std::cmp::Reverse(routes[i].path_prefix.len()));
@@ -187,6 +208,11 @@ impl RouteTable {
     /// True when there are no routes.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// The route with this index.
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
     }
 
     /// Routes in declaration order.
@@ -226,6 +252,7 @@ mod tests {
 
     fn route(name: &str, prefix: &str, host: Option<&str>, methods: Option<Vec<Method>>) -> Route {
         Route {
+            index: 0,
             name: name.into(),
             path_prefix: prefix.into(),
             host: host.map(|h| HostMatch::parse(h).unwrap()),
@@ -235,11 +262,13 @@ mod tests {
             scopes: vec![],
             timeout: None,
             public: false,
+            max_body: None,
+            upstream_tls: UpstreamTls::default(),
         }
     }
 
     fn find<'a>(t: &'a RouteTable, host: Option<&str>, m: Method, p: &str) -> Option<&'a str> {
-        t.find(host, &m, p).map(|r| r.name.as_str())
+        t.find(host, &m, p).map(|r| &*r.name)
     }
 
     #[test]

@@ -1,42 +1,58 @@
-//! The listener and the per-request pipeline: accept -> route -> authorize -> forward.
+//! The listener and the per-request pipeline: accept -> (tls) -> route -> authorize -> forward.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST};
 use http::{HeaderValue, Method, Request, Response, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 
-use crate::auth;
+use crate::accesslog::{AccessLog, Entry};
+use crate::auth::{self, AuthError};
+use crate::config::Limits;
 use crate::error::{self, GatewayError};
-use crate::forward::{Downstream, Forwarder};
+use crate::forward::{Downstream, ForwardError};
 use crate::headers;
+use crate::metrics::{AuthOutcome, Metrics};
+use crate::observe::{ConnState, Finish, ObservedBody};
 use crate::path;
 use crate::reload::{ReloadStats, Snapshot};
 use crate::routes::host_without_port;
-
-/// Response body: an upstream's stream or a gateway-made answer.
-pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// Shared state of a running gateway.
 pub struct Gateway {
     /// Current routes and keys; one lock-free load per request.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
-    /// Pooled upstream clients.
-    pub forwarder: Forwarder,
     /// Reload outcomes.
     pub reload_stats: Arc<ReloadStats>,
+    /// Metric registry.
+    pub metrics: Arc<Metrics>,
+    /// Access log writer.
+    pub access_log: AccessLog,
+    /// True while the listener accepts and the snapshot is loaded.
+    pub ready: AtomicBool,
+}
+
+/// Facts about the connection a request came on.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    https: bool,
+    state: Arc<ConnState>,
 }
 
 fn now_secs() -> i64 {
@@ -46,83 +62,356 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// An I/O stream that records when bytes last moved, for the idle watchdog.
+struct TrackedIo<I> {
+    inner: I,
+    state: Arc<ConnState>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.state.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.state.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own cap is a backstop; the exact limit is checked per request with a JSON 431.
+    let buf = usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .max(16 * 1024);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(buf)
+        .max_headers(1000);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buf).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
 /// Serves connections from `listener` until `shutdown` resolves, then drains for `grace`.
 pub async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let config = gateway.snapshot.load().config.clone();
+    let limits = config.limits.clone();
+    let builder = Arc::new(builder(&limits));
+    let max = limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    gateway.ready.store(true, Ordering::Relaxed);
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let gw = gateway.clone();
-                let svc = service_fn(move |req| handle(gw.clone(), peer, req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
+        // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gateway.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let stop = stop_rx.clone();
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            gw.metrics.active_connections.increment(1.0);
+            let state = Arc::new(ConnState::default());
+            state.touch();
+            match tls {
+                None => {
+                    let io = TrackedIo {
+                        inner: stream,
+                        state: state.clone(),
+                    };
+                    serve_conn(
+                        gw.clone(),
+                        io,
+                        Conn {
+                            peer,
+                            https: false,
+                            state,
+                        },
+                        &builder,
+                        stop,
+                        &limits,
+                    )
+                    .await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            let io = TrackedIo {
+                                inner: tls_stream,
+                                state: state.clone(),
+                            };
+                            serve_conn(
+                                gw.clone(),
+                                io,
+                                Conn {
+                                    peer,
+                                    https: true,
+                                    state,
+                                },
+                                &builder,
+                                stop,
+                                &limits,
+                            )
+                            .await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+            gw.metrics.active_connections.decrement(1.0);
+        });
+    }
+    gateway.ready.store(false, Ordering::Relaxed);
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = config.shutdown_grace;
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+async fn serve_conn<I>(
+    gw: Arc<Gateway>,
+    io: I,
+    conn: Conn,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+    limits: &Limits,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = conn.state.clone();
+    let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
+    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(c);
+    let idle = limits.idle_timeout;
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let check = (idle / 4).max(Duration::from_millis(100));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = c.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                c.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep(check), if !closing => {
+                let quiet = crate::observe::now_ms().saturating_sub(state.last_activity.load(Ordering::Relaxed));
+                if quiet >= idle_ms && state.in_flight.load(Ordering::Relaxed) == 0 {
+                    c.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
         }
     }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!("shutdown grace elapsed with requests still in flight");
-        }
+}
+
+/// What the pipeline learned, for metrics and the access log.
+#[derive(Default)]
+struct Trace {
+    route: Option<usize>,
+    key_id: Option<HeaderValue>,
+    service_account: Option<HeaderValue>,
+    outcome: Option<AuthOutcome>,
+}
+
+fn outcome_of(err: &GatewayError) -> AuthOutcome {
+    match err {
+        GatewayError::Auth(a) => match a {
+            AuthError::Missing => AuthOutcome::Missing,
+            AuthError::Invalid => AuthOutcome::Invalid,
+            AuthError::Expired => AuthOutcome::Expired,
+            AuthError::Revoked => AuthOutcome::Revoked,
+            AuthError::InsufficientScope(_) => AuthOutcome::Forbidden,
+        },
+        GatewayError::BadRequest(_)
+        | GatewayError::Path(_)
+        | GatewayError::NoRoute
+        | GatewayError::HeadersTooLarge
+        | GatewayError::Forward(_) => AuthOutcome::NotChecked,
     }
 }
 
 /// Handles one request; never fails, every error becomes a response.
-pub async fn handle(
+async fn handle(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    conn: Conn,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<ObservedBody>, Infallible> {
+    let start = Instant::now();
+    let arrived = SystemTime::now();
+    conn.state.in_flight.fetch_add(1, Ordering::Relaxed);
     let snapshot = gateway.snapshot.load_full();
     let grpc = error::is_grpc(req.headers());
     let request_id = headers::ensure_request_id(req.headers_mut());
-    let mut resp = match pipeline(&gateway, &snapshot, peer, req).await {
-        Ok(r) => r.map(Either::Left),
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut trace = Trace::default();
+    let result = pipeline(&snapshot, &gateway.metrics, &conn, req, &mut trace).await;
+    let stats = trace
+        .route
+        .and_then(|i| snapshot.route_stats.get(i))
+        .unwrap_or(&gateway.metrics.unrouted);
+    let (mut resp, upstream_status) = match result {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (r.map(Either::Left), Some(status))
+        }
         Err(e) => {
-            tracing::debug!(code = e.code(), "request refused");
-            error::response(&e, &snapshot.config.www_authenticate, grpc).map(Either::Right)
+            if trace.outcome.is_none() {
+                trace.outcome = Some(outcome_of(&e));
+            }
+            match &e {
+                GatewayError::Forward(ForwardError::Unavailable) => {
+                    stats.upstream_unavailable.increment(1)
+                }
+                GatewayError::Forward(ForwardError::Timeout) => stats.upstream_timeout.increment(1),
+                _ => {}
+            }
+            (
+                error::response(&e, &snapshot.config.www_authenticate, grpc).map(Either::Right),
+                None,
+            )
         }
     };
     resp.headers_mut()
-        .insert(&headers::X_REQUEST_ID, request_id);
-    Ok(resp)
+        .insert(&headers::X_REQUEST_ID, request_id.clone());
+    let outcome = trace.outcome.unwrap_or(AuthOutcome::NotChecked);
+    let status = resp.status().as_u16();
+    gateway.metrics.count_request(stats, status, outcome);
+    let route = trace
+        .route
+        .and_then(|i| snapshot.config.routes.get(i))
+        .map(|r| r.name.clone());
+    let finish = Box::new(Finish {
+        entry: Entry {
+            time: arrived,
+            request_id,
+            client: conn.peer,
+            method,
+            uri,
+            route,
+            status,
+            duration: 0.0,
+            bytes: 0,
+            key_id: trace.key_id,
+            service_account: trace.service_account,
+            auth: outcome,
+            upstream_status,
+        },
+        start,
+        duration: stats.duration.clone(),
+        log: gateway.access_log.clone(),
+        format: snapshot.config.log_format,
+        dropped: gateway.metrics.access_log_dropped.clone(),
+        conn: conn.state.clone(),
+    });
+    Ok(resp.map(|b| ObservedBody::new(b, finish)))
+}
+
+fn header_bytes(req: &Request<Incoming>) -> u64 {
+    let uri = req.uri();
+    let head =
+        req.method().as_str().len() + uri.path().len() + uri.query().map_or(0, str::len) + 12;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (head + fields) as u64
 }
 
 async fn pipeline(
-    gateway: &Gateway,
     snapshot: &Snapshot,
-    peer: SocketAddr,
+    metrics: &Metrics,
+    conn: &Conn,
     req: Request<Incoming>,
+    trace: &mut Trace,
 ) -> Result<Response<Incoming>, GatewayError> {
+    let config = &snapshot.config;
+    if header_bytes(&req) > config.limits.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge);
+    }
     if req.method() == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported"));
     }
@@ -158,26 +447,39 @@ async fn pipeline(
     // Uri clones share their bytes; this frees `req` to move into `forward`.
     let uri = req.uri().clone();
     let normalized = path::normalize(uri.path())?;
-    let config = &snapshot.config;
     let route = config
         .routes
         .find(host_name, req.method(), &normalized)
         .ok_or(GatewayError::NoRoute)?;
+    trace.route = Some(route.index);
     let permit = auth::authorize(
         route,
         &snapshot.keys,
         auth::credential(req.headers()),
         now_secs(),
     )?;
+    match permit.key {
+        Some(key) => {
+            trace.outcome = Some(AuthOutcome::Allowed);
+            trace.key_id = Some(key.id_header.clone());
+            trace.service_account = Some(key.service_account_header.clone());
+            if config.metrics_per_key {
+                key.uses
+                    .get_or_init(|| metrics.key_counter(&key.id))
+                    .increment(1);
+            }
+        }
+        None => trace.outcome = Some(AuthOutcome::Public),
+    }
 
     let down = Downstream {
         path: &normalized,
         query: uri.query(),
         host,
-        client: peer.ip(),
-        https: false,
+        client: conn.peer.ip(),
+        https: conn.https,
     };
-    Ok(gateway
+    Ok(snapshot
         .forwarder
         .forward(permit, req, down, &config.identity)
         .await?)

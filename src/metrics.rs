@@ -1,0 +1,267 @@
+//! Prometheus metrics. Handles are registered once per route and label set and then only
+//! incremented, so the request path touches atomics, never the registry.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::reload::{ReloadStats, Snapshot};
+use crate::routes::RouteTable;
+
+static META: Metadata<'static> = Metadata::new("keygate", Level::INFO, Some("keygate"));
+
+/// How the key check ended, as a metric label and access-log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AuthOutcome {
+    /// A valid key with the scopes.
+    Allowed = 0,
+    /// Public route, no key checked.
+    Public,
+    /// No key.
+    Missing,
+    /// Bad or unknown key.
+    Invalid,
+    /// Expired key.
+    Expired,
+    /// Revoked key.
+    Revoked,
+    /// Key lacks a scope.
+    Forbidden,
+    /// Refused before auth (bad request, no route).
+    NotChecked,
+}
+
+const OUTCOMES: usize = 8;
+
+impl AuthOutcome {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthOutcome::Allowed => "allowed",
+            AuthOutcome::Public => "public",
+            AuthOutcome::Missing => "missing",
+            AuthOutcome::Invalid => "invalid",
+            AuthOutcome::Expired => "expired",
+            AuthOutcome::Revoked => "revoked",
+            AuthOutcome::Forbidden => "forbidden",
+            AuthOutcome::NotChecked => "not_checked",
+        }
+    }
+}
+
+/// Per-route metric handles.
+pub struct RouteStats {
+    route: String,
+    requests: [[OnceLock<Counter>; OUTCOMES]; 5],
+    /// Request duration, observed when the response body ends.
+    pub duration: Histogram,
+    /// Upstream refused or failed.
+    pub upstream_unavailable: Counter,
+    /// Upstream too slow.
+    pub upstream_timeout: Counter,
+}
+
+/// The gateway's metric registry.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Open downstream connections.
+    pub active_connections: Gauge,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
+    keys_loaded: Gauge,
+    reloads: [Counter; 6],
+    /// Requests refused before a route was chosen.
+    pub unrouted: RouteStats,
+}
+
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+        };
+        describe(
+            "keygate_requests_total",
+            "Requests by route, status class and auth outcome.",
+        );
+        describe(
+            "keygate_upstream_errors_total",
+            "Upstream failures by route and kind.",
+        );
+        describe(
+            "keygate_reloads_total",
+            "Config and key file reloads by file and result.",
+        );
+        describe(
+            "keygate_access_log_dropped_total",
+            "Access log lines dropped because stdout fell behind.",
+        );
+        describe(
+            "keygate_key_requests_total",
+            "Allowed requests per key id (metrics.per_key).",
+        );
+        recorder.describe_histogram(
+            "keygate_request_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "Request duration by route, until the response body ends.".into(),
+        );
+        recorder.describe_gauge(
+            "keygate_active_connections".into(),
+            None,
+            "Open downstream connections.".into(),
+        );
+        recorder.describe_gauge(
+            "keygate_keys_loaded".into(),
+            None,
+            "Keys in the current snapshot.".into(),
+        );
+        let reload = |file: &'static str, result: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(
+                    "keygate_reloads_total",
+                    vec![Label::new("file", file), Label::new("result", result)],
+                ),
+                &META,
+            )
+        };
+        let reloads = [
+            reload("config", "ok"),
+            reload("config", "error"),
+            reload("keys", "ok"),
+            reload("keys", "error"),
+            reload("tls", "ok"),
+            reload("tls", "error"),
+        ];
+        let active_connections =
+            recorder.register_gauge(&Key::from_name("keygate_active_connections"), &META);
+        let keys_loaded = recorder.register_gauge(&Key::from_name("keygate_keys_loaded"), &META);
+        let access_log_dropped =
+            recorder.register_counter(&Key::from_name("keygate_access_log_dropped_total"), &META);
+        let mut m = Metrics {
+            unrouted: RouteStats::placeholder(),
+            recorder,
+            handle,
+            active_connections,
+            access_log_dropped,
+            keys_loaded,
+            reloads,
+        };
+        m.unrouted = m.route_stats("");
+        m
+    }
+
+    fn route_stats(&self, route: &str) -> RouteStats {
+        let label = || vec![Label::new("route", route.to_string())];
+        let upstream = |kind: &'static str| {
+            self.recorder.register_counter(
+                &Key::from_parts(
+                    "keygate_upstream_errors_total",
+                    vec![
+                        Label::new("route", route.to_string()),
+                        Label::new("kind", kind),
+                    ],
+                ),
+                &META,
+            )
+        };
+        RouteStats {
+            route: route.to_string(),
+            requests: Default::default(),
+            duration: self.recorder.register_histogram(
+                &Key::from_parts("keygate_request_duration_seconds", label()),
+                &META,
+            ),
+            upstream_unavailable: upstream("unavailable"),
+            upstream_timeout: upstream("timeout"),
+        }
+    }
+
+    /// Handles for every route of a table, in route index order.
+    pub fn for_routes(&self, routes: &RouteTable) -> Vec<RouteStats> {
+        routes.iter().map(|r| self.route_stats(&r.name)).collect()
+    }
+
+    /// Counts one finished request head.
+    pub fn count_request(&self, stats: &RouteStats, status: u16, outcome: AuthOutcome) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        stats.requests[class][outcome as usize]
+            .get_or_init(|| {
+                self.recorder.register_counter(
+                    &Key::from_parts(
+                        "keygate_requests_total",
+                        vec![
+                            Label::new("route", stats.route.clone()),
+                            Label::new("status_class", format!("{}xx", class + 1)),
+                            Label::new("auth", outcome.as_str()),
+                        ],
+                    ),
+                    &META,
+                )
+            })
+            .increment(1);
+    }
+
+    /// Counter for one key id (only used with `metrics.per_key: true`).
+    pub fn key_counter(&self, key_id: &str) -> Counter {
+        self.recorder.register_counter(
+            &Key::from_parts(
+                "keygate_key_requests_total",
+                vec![Label::new("key_id", key_id.to_string())],
+            ),
+            &META,
+        )
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self, snapshot: &Snapshot, reloads: &ReloadStats) -> String {
+        self.keys_loaded.set(snapshot.keys.len() as f64);
+        let values = [
+            &reloads.config_ok,
+            &reloads.config_err,
+            &reloads.keys_ok,
+            &reloads.keys_err,
+            &reloads.tls_ok,
+            &reloads.tls_err,
+        ];
+        for (counter, value) in self.reloads.iter().zip(values) {
+            counter.absolute(value.load(Ordering::Relaxed));
+        }
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl RouteStats {
+    fn placeholder() -> RouteStats {
+        RouteStats {
+            route: String::new(),
+            requests: Default::default(),
+            duration: Histogram::noop(),
+            upstream_unavailable: Counter::noop(),
+            upstream_timeout: Counter::noop(),
+        }
+    }
+}

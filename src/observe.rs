@@ -1,0 +1,145 @@
+//! Per-request observation: the response body is wrapped so that when it ends (or the client
+//! goes away) the duration is recorded and the access log line is emitted.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::accesslog::{AccessLog, Entry};
+use crate::config::LogFormat;
+
+/// What a connection tells its idle watchdog.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Milliseconds since [`epoch`] of the last byte read or written.
+    pub last_activity: AtomicU64,
+    /// Requests whose response has not finished.
+    pub in_flight: AtomicUsize,
+}
+
+/// Process-wide reference instant for cheap activity timestamps.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since [`epoch`].
+pub fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ConnState {
+    /// Records activity now.
+    pub fn touch(&self) {
+        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Work to do when a response ends.
+pub struct Finish {
+    /// The access log line, completed with duration and bytes at the end.
+    pub entry: Entry,
+    /// When the request arrived.
+    pub start: Instant,
+    /// The route's duration histogram.
+    pub duration: metrics::Histogram,
+    /// Where the line goes.
+    pub log: AccessLog,
+    /// Line format.
+    pub format: LogFormat,
+    /// Counts lines dropped under back-pressure.
+    pub dropped: metrics::Counter,
+    /// The connection, whose in-flight count this request holds.
+    pub conn: Arc<ConnState>,
+}
+
+/// A response body that reports its end.
+pub struct ObservedBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    bytes: u64,
+    finish: Option<Box<Finish>>,
+}
+
+impl ObservedBody {
+    /// Wraps a body; `finish` runs once, at end of stream or on drop.
+    pub fn new(inner: Either<Incoming, Full<Bytes>>, finish: Box<Finish>) -> ObservedBody {
+        ObservedBody {
+            inner,
+            bytes: 0,
+            finish: Some(finish),
+        }
+    }
+
+    fn complete(&mut self) {
+        let Some(mut f) = self.finish.take() else {
+            return;
+        };
+        let secs = f.start.elapsed().as_secs_f64();
+        f.duration.record(secs);
+        f.entry.duration = secs;
+        f.entry.bytes = self.bytes;
+        if !f.log.send(f.entry.format(f.format)) {
+            f.dropped.increment(1);
+        }
+        f.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+        f.conn.touch();
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Either::Left(b) => Pin::new(b).poll_frame(cx),
+            Either::Right(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.complete(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Either::Left(b) => b.is_end_stream(),
+            Either::Right(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Either::Left(b) => b.size_hint(),
+            Either::Right(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.complete();
+    }
+}
