@@ -7,5 +7,8 @@ mod cli;
 mod forwarding;
 mod keys_cli;
 mod paths;
+mod production;
+mod protocols;
 mod reload;
 mod routing;
+mod tls;

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,49 @@ impl Upstream {
                     let svc = service_fn(move |req| answer(rec.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    /// The same upstream behind TLS with `leaf`'s certificate.
+    pub async fn start_tls(leaf: &certs::Leaf) -> Upstream {
+        use rustls::pki_types::pem::PemObject;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let chain =
+            vec![
+                rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes())
+                    .unwrap(),
+            ];
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let rec = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let rec = rec.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |req| answer(rec.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
                         .await;
                 });
             }
@@ -258,6 +303,28 @@ impl Gateway {
             "gateway did not start"
         );
         gw
+    }
+
+    /// Starts a gateway whose listener speaks TLS (readiness cannot be probed in clear text).
+    pub async fn start_in_tls(dir: tempfile::TempDir) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let path = dir.path().join("keygate.yaml");
+        let task = tokio::spawn(async move {
+            keygate::serve(&path, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Gateway {
+            addr,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
