@@ -354,3 +354,34 @@ async fn grpc_clients_get_grpc_status() {
     assert_eq!(r.headers.get("grpc-status").unwrap(), "12");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn server_sent_events_are_not_buffered() {
+    let k = TestKey::new("k", "sa", &["s.a"]);
+    let (_up, gw) = setup(&k).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "GET /api/events HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\nX-Upstream-Mode: sse\r\n\r\n",
+        k.auth()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: 0") {
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A buffering proxy would deliver the first event only together with the last.
+    assert!(
+        !String::from_utf8_lossy(&got).contains("data: 2"),
+        "events arrived all at once"
+    );
+    gw.stop().await;
+}

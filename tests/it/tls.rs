@@ -182,3 +182,43 @@ async fn https_upstream_verified_with_route_ca_file() {
     assert_eq!(r.status, 502);
     gw.stop().await;
 }
+
+#[test]
+fn pkcs8_rsa_and_sec1_keys_load_and_mismatches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // PKCS#1 "BEGIN RSA PRIVATE KEY", SEC1 "BEGIN EC PRIVATE KEY", PKCS#8 "BEGIN PRIVATE KEY".
+    sh("openssl genrsa -traditional -out rsa.key 2048 2>/dev/null");
+    sh("openssl ecparam -name prime256v1 -genkey -noout -out ec.key");
+    sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out p8.key");
+    for k in ["rsa", "ec", "p8"] {
+        sh(&format!(
+            "openssl req -x509 -new -key {k}.key -subj /CN=localhost -days 2 -out {k}.crt"
+        ));
+        let first = std::fs::read_to_string(d.join(format!("{k}.key"))).unwrap();
+        assert!(first.contains(match k {
+            "rsa" => "BEGIN RSA PRIVATE KEY",
+            "ec" => "BEGIN EC PRIVATE KEY",
+            _ => "BEGIN PRIVATE KEY",
+        }));
+        keygate::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+    }
+    let err = keygate::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key"))
+        .err()
+        .expect("mismatched pair loaded");
+    assert!(err.contains("do not form a pair"), "{err}");
+}

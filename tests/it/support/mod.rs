@@ -166,6 +166,25 @@ async fn answer(
             return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
         }
         "sleep" => tokio::time::sleep(Duration::from_secs(3)).await,
+        "sse" => {
+            // Three events 700 ms apart: a buffering proxy would hold the first one back.
+            let (tx, rx) =
+                tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+            tokio::spawn(async move {
+                for i in 0..3 {
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from(format!("data: {i}\n\n")))))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                }
+            });
+            let mut resp = Response::new(BodyExt::boxed(StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            return Ok(resp);
+        }
         _ => {}
     }
     let mut headers = HashMap::new();
