@@ -217,8 +217,8 @@ fn pkcs8_rsa_and_sec1_keys_load_and_mismatches_are_refused() {
         keygate::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
             .unwrap_or_else(|e| panic!("{k}: {e}"));
     }
-    let err = keygate::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key"))
-        .err()
-        .expect("mismatched pair loaded");
+    let Err(err) = keygate::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key")) else {
+        panic!("mismatched pair loaded");
+    };
     assert!(err.contains("do not form a pair"), "{err}");
 }
