@@ -93,6 +93,11 @@ impl GatewayError {
                     "upstream_timeout",
                     GrpcStatus::DeadlineExceeded,
                 ),
+                ForwardError::BadBody => (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    GrpcStatus::InvalidArgument,
+                ),
                 ForwardError::BodyTooLarge => (
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",

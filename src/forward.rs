@@ -38,13 +38,23 @@ pub enum ForwardError {
     /// The request body is larger than the route's `max_body`.
     #[error("the request body is larger than this route accepts")]
     BodyTooLarge,
+    /// The client's request body was malformed or cut short.
+    #[error("the request body is malformed or incomplete")]
+    BadBody,
 }
 
 /// A request body on its way upstream, cut off once it passes the route's `max_body`.
 pub struct RequestBody {
     inner: Incoming,
     remaining: u64,
-    tripped: Option<Arc<AtomicBool>>,
+    fault: Option<Arc<BodyFault>>,
+}
+
+/// Why a request body stopped early, so the failed exchange is blamed on the right side.
+#[derive(Default)]
+struct BodyFault {
+    too_large: AtomicBool,
+    client_error: AtomicBool,
 }
 
 /// The error a cut-off body reports to the upstream client.
@@ -72,8 +82,8 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        if let Some(t) = &this.tripped {
-                            t.store(true, Ordering::Relaxed);
+                        if let Some(f) = &this.fault {
+                            f.too_large.store(true, Ordering::Relaxed);
                         }
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
@@ -81,7 +91,12 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = &this.fault {
+                    f.client_error.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -204,7 +219,8 @@ impl Forwarder {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let tripped = route.max_body.map(|_| Arc::new(AtomicBool::new(false)));
+        // Bodyless requests (most GETs) need no fault tracking and allocate nothing for it.
+        let fault = (!body.is_end_stream()).then(|| Arc::new(BodyFault::default()));
         if let (Some(max), Some(len)) = (route.max_body, declared) {
             if len > max {
                 return Err(ForwardError::BodyTooLarge);
@@ -246,7 +262,7 @@ impl Forwarder {
         let body = RequestBody {
             inner: body,
             remaining: route.max_body.unwrap_or(u64::MAX),
-            tripped: tripped.clone(),
+            fault: fault.clone(),
         };
         parts.version = match route.upstream.scheme {
             UpstreamScheme::H2c => Version::HTTP_2,
@@ -269,8 +285,13 @@ impl Forwarder {
         let mut resp = match tokio::time::timeout(deadline, send).await {
             Err(_) => return Err(ForwardError::Timeout),
             Ok(Err(e)) => {
-                if tripped.is_some_and(|t| t.load(Ordering::Relaxed)) {
-                    return Err(ForwardError::BodyTooLarge);
+                if let Some(f) = &fault {
+                    if f.too_large.load(Ordering::Relaxed) {
+                        return Err(ForwardError::BodyTooLarge);
+                    }
+                    if f.client_error.load(Ordering::Relaxed) {
+                        return Err(ForwardError::BadBody);
+                    }
                 }
                 tracing::debug!(route = %route.name, error = %e, "upstream request failed");
                 return Err(ForwardError::Unavailable);

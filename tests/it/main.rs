@@ -5,6 +5,7 @@ mod support;
 mod auth;
 mod cli;
 mod forwarding;
+mod hostile;
 mod keys_cli;
 mod paths;
 mod production;

@@ -533,3 +533,26 @@ pub fn write(path: &Path, text: &str) {
 pub fn ok_status() -> StatusCode {
     StatusCode::OK
 }
+
+/// Sends raw bytes, reads until the server closes (or 5 s pass), and returns the status of
+/// every response seen, in order. An empty list means the server closed without answering.
+pub async fn raw_statuses(addr: SocketAddr, request: &[u8]) -> Vec<u16> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = vec![0u8; 65536];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf);
+    text.match_indices("HTTP/1.1 ")
+        .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n'))
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
