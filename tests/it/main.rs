@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod faults;
 mod forwarding;
 mod hostile;
 mod keys_cli;
