@@ -244,3 +244,63 @@ mod tests {
         assert_eq!(n("/a;v=1/b").unwrap(), "/a;v=1/b");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEGMENTS: &[&str] = &[
+        "a", "b", "api", "..", ".", "", "%2e", "%2E%2e", "x;y", "%41", "%7e", "~", "%3a", "a.b",
+        "%252e", "..a",
+    ];
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(SEGMENTS), 0..12)
+            .prop_map(|segs| format!("/{}", segs.join("/")))
+    }
+
+    proptest! {
+        #[test]
+        fn idempotent_and_canonical(p in path()) {
+            if let Ok(n) = normalize(&p) {
+                let again = normalize(&n).expect("normal form must be accepted");
+                prop_assert_eq!(&again, &n);
+                prop_assert!(n.starts_with('/'));
+                prop_assert!(!n.contains("//"));
+                prop_assert!(n.split('/').all(|s| s != "." && s != ".."));
+            }
+        }
+
+        #[test]
+        fn never_climbs_above_root(p in path()) {
+            // Model: decode only what can become a dot-segment, then walk the segments.
+            let mut depth = 0i32;
+            let mut climbs = false;
+            for seg in p.split('/').skip(1) {
+                let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+                match decoded.as_str() {
+                    "" | "." => {}
+                    ".." => {
+                        depth -= 1;
+                        if depth < 0 {
+                            climbs = true;
+                            break;
+                        }
+                    }
+                    _ => depth += 1,
+                }
+            }
+            if climbs {
+                prop_assert_eq!(normalize(&p), Err(PathError::AboveRoot));
+            } else {
+                prop_assert!(normalize(&p).is_ok(), "{} refused: {:?}", p, normalize(&p));
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC*") {
+            let _ = normalize(&format!("/{s}"));
+        }
+    }
+}

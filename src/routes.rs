@@ -344,3 +344,56 @@ mod tests {
         assert_eq!(host_without_port("[::1]:80"), "[::1]");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PREFIXES: &[&str] = &["/", "/a", "/a/", "/a/b", "/a/b/", "/b", "/ab", "/a/bc"];
+    const PATHS: &[&str] = &[
+        "/", "/a", "/a/", "/a/b", "/a/b/c", "/ab", "/abc", "/b/x", "/a/bc", "/a/bcd",
+    ];
+
+    fn table(prefixes: &[&str]) -> RouteTable {
+        RouteTable::new(
+            prefixes
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Route {
+                    index: 0,
+                    name: format!("r{i}").into(),
+                    path_prefix: p.to_string(),
+                    host: None,
+                    methods: None,
+                    upstream: Upstream::parse("http://127.0.0.1:1").unwrap(),
+                    strip_prefix: false,
+                    scopes: vec![],
+                    timeout: None,
+                    public: false,
+                    max_body: None,
+                    upstream_tls: UpstreamTls::default(),
+                })
+                .collect(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn longest_prefix_first_declared(
+            prefixes in prop::collection::vec(prop::sample::select(PREFIXES), 1..8),
+            path in prop::sample::select(PATHS),
+        ) {
+            let t = table(&prefixes);
+            // Brute force: the longest matching prefix, earliest declaration among equals.
+            let mut best: Option<(usize, usize)> = None;
+            for (i, p) in prefixes.iter().enumerate() {
+                if prefix_matches(p, path) && best.is_none_or(|(_, len)| p.len() > len) {
+                    best = Some((i, p.len()));
+                }
+            }
+            let got = t.find(None, &Method::GET, path).map(|r| r.index);
+            prop_assert_eq!(got, best.map(|(i, _)| i));
+        }
+    }
+}
