@@ -30,7 +30,7 @@ fn record(secret: &str, i: usize) -> KeyRecord {
 
 /// A kg_ key that differs from `key` only in its last body character, checksum recomputed.
 fn near_miss(key: &str) -> String {
-    let mut body = key[..keys::KEY_LEN - 6].as_bytes().to_vec();
+    let mut body = key.as_bytes()[..keys::KEY_LEN - 6].to_vec();
     let last = body.len() - 1;
     body[last] = if body[last] == b'a' { b'b' } else { b'a' };
     let check = keys::checksum(&body);
@@ -97,7 +97,7 @@ fn main() {
         ("imp near", &near_imported),
         ("imp random", &far_imported),
     ];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(BATCHES); 4];
+    let mut samples: Vec<Vec<f64>> = (0..4).map(|_| Vec::with_capacity(BATCHES)).collect();
     for round in 0..BATCHES {
         // Interleave classes (rotating the order) so drift on a noisy machine hits all alike.
         for j in 0..4 {
