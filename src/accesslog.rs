@@ -3,7 +3,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::Duration;
 use std::time::SystemTime;
 
 use http::{HeaderValue, Method, Uri};
@@ -14,6 +15,8 @@ use crate::metrics::AuthOutcome;
 
 /// Lines buffered before new ones are dropped (and counted).
 const QUEUE: usize = 64 * 1024;
+/// How often the writer thread drains the queue.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Sends finished lines to the writer thread.
 #[derive(Clone)]
@@ -137,13 +140,26 @@ impl AccessLog {
 fn write_lines(rx: Receiver<String>) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
-    while let Ok(line) = rx.recv() {
-        let _ = writeln!(out, "{line}");
-        // Write out whatever else is queued, then flush once the queue is empty.
-        while let Ok(line) = rx.try_recv() {
-            let _ = writeln!(out, "{line}");
+    loop {
+        // Drain in batches and sleep between them: a writer blocked in recv() would have to be
+        // woken (a futex call) for every request under load.
+        let mut wrote = false;
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    let _ = writeln!(out, "{line}");
+                    wrote = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
         }
-        let _ = out.flush();
+        if wrote {
+            let _ = out.flush();
+        }
+        std::thread::sleep(FLUSH_EVERY);
     }
-    let _ = out.flush();
 }

@@ -108,6 +108,8 @@ pub struct IdentityHeaders {
 /// A checked configuration, ready to serve.
 #[derive(Debug)]
 pub struct Config {
+    /// Unique per parsed config, so per-thread caches know when to rebuild.
+    pub generation: u64,
     /// The config file this came from.
     pub path: PathBuf,
     /// Address the gateway listens on.
@@ -603,7 +605,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     Ok(Config {
+        generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         path: path.to_path_buf(),
         listen,
         keys_file,

@@ -315,6 +315,33 @@ impl Forwarder {
     }
 }
 
+thread_local! {
+    /// This thread's clients, with the generation of the config they were built from.
+    static LOCAL: std::cell::RefCell<Option<(u64, Arc<Forwarder>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The calling thread's own pooled clients for the snapshot's config.
+///
+/// Each worker thread runs its own runtime; a shared pool would hand a connection driven on one
+/// thread to a request on another, and every exchange would then wake a second thread.
+pub fn local(snapshot: &crate::reload::Snapshot) -> Arc<Forwarder> {
+    let tag = snapshot.config.generation;
+    LOCAL.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if let Some((t, f)) = slot.as_ref() {
+            if *t == tag {
+                return f.clone();
+            }
+        }
+        // Built once per thread per config; the snapshot's own copy proved the config builds.
+        let f = Forwarder::new(&snapshot.config)
+            .map(Arc::new)
+            .unwrap_or_else(|_| snapshot.forwarder.clone());
+        *slot = Some((tag, f.clone()));
+        f
+    })
+}
+
 /// Copies bytes both ways between an upgraded client and upstream connection.
 async fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
     let (down, up) = match tokio::try_join!(down, up) {

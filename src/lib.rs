@@ -130,7 +130,7 @@ pub async fn serve(
     if let Some(l) = admin_listener {
         background.push(tokio::spawn(admin::run(gateway.clone(), l)));
     }
-    server::accept_loop(gateway.clone(), listener, tls.map(|(_, a)| a), shutdown).await;
+    server::accept_loop(gateway.clone(), listener, tls.map(|(_, a)| a), shutdown).await?;
     for task in background {
         task.abort();
     }

@@ -14,3 +14,8 @@ fn main() -> ExitCode {
         .init();
     keygate::cli::run(cli)
 }
+
+// glibc malloc showed up at ~7% of the request path's CPU; mimalloc's per-thread heaps fit the
+// thread-per-core workers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -137,112 +137,190 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves connections from `listener` until `shutdown` resolves, then drains for `grace`.
+/// Worker threads: `KEYGATE_WORKERS`, else one per available core.
+pub fn worker_count() -> usize {
+    std::env::var("KEYGATE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct Shared {
+    gateway: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    limits: Limits,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then drains.
+///
+/// Thread per core: each worker runs its own single-threaded runtime and accepts from the
+/// shared socket, so a request and its upstream exchange stay on one thread (no cross-thread
+/// wake-ups, no shared pool lock); see `forward::local`.
 pub async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
-) {
+) -> std::io::Result<()> {
     let config = gateway.snapshot.load().config.clone();
     let limits = config.limits.clone();
-    let builder = Arc::new(builder(&limits));
     let max = limits.max_connections;
-    let slots = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Shared {
+        gateway: gateway.clone(),
+        builder: Arc::new(builder(&limits)),
+        tls,
+        slots: Arc::new(Semaphore::new(max)),
+        stop: stop_rx,
+        limits,
+    };
+    let listener = listener.into_std()?;
+    let mut workers = Vec::new();
+    for i in 0..worker_count() {
+        let (l, sh) = (listener.try_clone()?, shared.clone());
+        let grace = config.shutdown_grace;
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("keygate-worker-{i}"))
+                .spawn(move || worker(l, sh, grace))?,
+        );
+    }
+    drop(listener);
     gateway.ready.store(true, Ordering::Relaxed);
-    tokio::pin!(shutdown);
-    loop {
-        // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = &mut shutdown => break,
+    shutdown.await;
+    gateway.ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
+    Ok(())
+}
+
+fn worker(listener: std::net::TcpListener, shared: Shared, grace: Duration) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot use the listener");
+                return;
+            }
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let gw = gateway.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let stop = stop_rx.clone();
-        let limits = limits.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            gw.metrics.active_connections.increment(1.0);
-            let state = Arc::new(ConnState::default());
-            state.touch();
-            match tls {
-                None => {
+        let mut stop = shared.stop.clone();
+        loop {
+            // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
+            let permit = tokio::select! {
+                p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(connection(shared.clone(), stream, peer, permit));
+        }
+        drop(listener);
+        // Drain: in-flight requests on this worker get up to the grace period.
+        let max = shared.limits.max_connections;
+        let deadline = tokio::time::Instant::now() + grace;
+        while shared.slots.available_permits() < max {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("shutdown grace elapsed with requests still in flight");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+async fn connection(
+    shared: Shared,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let gw = &shared.gateway;
+    gw.metrics.active_connections.increment(1.0);
+    let state = Arc::new(ConnState::default());
+    state.touch();
+    let limits = &shared.limits;
+    match &shared.tls {
+        None => {
+            let io = TrackedIo {
+                inner: stream,
+                state: state.clone(),
+            };
+            let conn = Conn {
+                peer,
+                https: false,
+                state,
+            };
+            serve_conn(
+                gw.clone(),
+                io,
+                conn,
+                &shared.builder,
+                shared.stop.clone(),
+                limits,
+            )
+            .await;
+        }
+        Some(acceptor) => {
+            match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => {
                     let io = TrackedIo {
-                        inner: stream,
+                        inner: tls_stream,
                         state: state.clone(),
+                    };
+                    let conn = Conn {
+                        peer,
+                        https: true,
+                        state,
                     };
                     serve_conn(
                         gw.clone(),
                         io,
-                        Conn {
-                            peer,
-                            https: false,
-                            state,
-                        },
-                        &builder,
-                        stop,
-                        &limits,
+                        conn,
+                        &shared.builder,
+                        shared.stop.clone(),
+                        limits,
                     )
                     .await;
                 }
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls_stream)) => {
-                            let io = TrackedIo {
-                                inner: tls_stream,
-                                state: state.clone(),
-                            };
-                            serve_conn(
-                                gw.clone(),
-                                io,
-                                Conn {
-                                    peer,
-                                    https: true,
-                                    state,
-                                },
-                                &builder,
-                                stop,
-                                &limits,
-                            )
-                            .await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
-            gw.metrics.active_connections.decrement(1.0);
-        });
+        }
     }
-    gateway.ready.store(false, Ordering::Relaxed);
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let grace = config.shutdown_grace;
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace elapsed with requests still in flight");
-    }
+    gw.metrics.active_connections.decrement(1.0);
+    drop(permit);
 }
 
 async fn serve_conn<I>(
@@ -479,8 +557,8 @@ async fn pipeline(
         client: conn.peer.ip(),
         https: conn.https,
     };
-    Ok(snapshot
-        .forwarder
+    let forwarder = crate::forward::local(snapshot);
+    Ok(forwarder
         .forward(permit, req, down, &config.identity)
         .await?)
 }
