@@ -13,15 +13,15 @@ use serde::Serialize;
 use crate::config::LogFormat;
 use crate::metrics::AuthOutcome;
 
-/// Lines buffered before new ones are dropped (and counted).
-const QUEUE: usize = 64 * 1024;
+/// Entries buffered before new ones are dropped (and counted).
+const QUEUE: usize = 16 * 1024;
 /// How often the writer thread drains the queue.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Sends finished lines to the writer thread.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<String>,
+    tx: SyncSender<(Entry, LogFormat)>,
 }
 
 /// Everything one access log line says.
@@ -131,13 +131,17 @@ impl AccessLog {
         (AccessLog { tx }, writer)
     }
 
-    /// Queues a line; false when the queue is full and the line was dropped.
-    pub fn send(&self, line: String) -> bool {
-        !matches!(self.tx.try_send(line), Err(TrySendError::Full(_)))
+    /// Queues an entry; formatting happens on the writer thread. False when the queue is
+    /// full and the entry was dropped.
+    pub fn send(&self, entry: Entry, format: LogFormat) -> bool {
+        !matches!(
+            self.tx.try_send((entry, format)),
+            Err(TrySendError::Full(_))
+        )
     }
 }
 
-fn write_lines(rx: Receiver<String>) {
+fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     loop {
@@ -146,8 +150,8 @@ fn write_lines(rx: Receiver<String>) {
         let mut wrote = false;
         loop {
             match rx.try_recv() {
-                Ok(line) => {
-                    let _ = writeln!(out, "{line}");
+                Ok((entry, format)) => {
+                    let _ = writeln!(out, "{}", entry.format(format));
                     wrote = true;
                 }
                 Err(TryRecvError::Empty) => break,

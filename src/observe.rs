@@ -2,8 +2,8 @@
 //! goes away) the duration is recorded and the access log line is emitted.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -18,27 +18,19 @@ use crate::config::LogFormat;
 /// What a connection tells its idle watchdog.
 #[derive(Debug, Default)]
 pub struct ConnState {
-    /// Milliseconds since [`epoch`] of the last byte read or written.
-    pub last_activity: AtomicU64,
+    /// Set on every byte read or written; the watchdog clears it on each of its checks, so
+    /// the I/O path never reads the clock.
+    pub active: AtomicBool,
     /// Requests whose response has not finished.
     pub in_flight: AtomicUsize,
 }
 
-/// Process-wide reference instant for cheap activity timestamps.
-pub fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Milliseconds since [`epoch`].
-pub fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 impl ConnState {
-    /// Records activity now.
+    /// Records activity.
     pub fn touch(&self) {
-        self.last_activity.store(now_ms(), Ordering::Relaxed);
+        if !self.active.load(Ordering::Relaxed) {
+            self.active.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -85,11 +77,18 @@ impl ObservedBody {
         f.duration.record(secs);
         f.entry.duration = secs;
         f.entry.bytes = self.bytes;
-        if !f.log.send(f.entry.format(f.format)) {
-            f.dropped.increment(1);
-        }
         f.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         f.conn.touch();
+        let Finish {
+            entry,
+            log,
+            format,
+            dropped,
+            ..
+        } = *f;
+        if !log.send(entry, format) {
+            dropped.increment(1);
+        }
     }
 }
 

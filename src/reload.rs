@@ -263,7 +263,7 @@ fn log_rejected(problems: &Problems) {
     }
 }
 
-fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
+fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&'a Path> {
     let c = &snapshot.config;
     let tls = c
         .tls
@@ -272,11 +272,26 @@ fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
     [config_path, c.keys_file.as_path()]
         .into_iter()
         .chain(tls)
+        .collect()
+}
+
+fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
+    watched_files(config_path, snapshot)
+        .into_iter()
         .map(|p| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         })
         .collect()
+}
+
+/// Names whose changes matter: the watched files themselves, and Kubernetes' `..data` and
+/// timestamped `..2026_...` entries (the symlink swap shows up only as those).
+fn relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
+    event.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+    })
 }
 
 /// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
@@ -286,10 +301,15 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
     let config_path = reloader.config_path.clone();
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let notify_tx = tx.clone();
+    // Other files in the same folders (logs, state, editor swap files) must not cause re-reads.
+    let names: Arc<ArcSwap<BTreeSet<std::ffi::OsString>>> = Arc::default();
+    let watcher_names = names.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            // A full channel already holds a pending reload.
-            let _ = notify_tx.try_send(());
+        if let Ok(event) = res {
+            if relevant(&event, &watcher_names.load()) {
+                // A full channel already holds a pending reload.
+                let _ = notify_tx.try_send(());
+            }
         }
     });
     let mut watcher = match watcher {
@@ -302,6 +322,12 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
     let mut watched = BTreeSet::new();
     let mut rewatch = |watcher: &mut Option<notify::RecommendedWatcher>, snapshot: &Snapshot| {
         let Some(w) = watcher.as_mut() else { return };
+        names.store(Arc::new(
+            watched_files(&config_path, snapshot)
+                .into_iter()
+                .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+                .collect(),
+        ));
         let want = watch_dirs(&config_path, snapshot);
         for dir in watched.difference(&want) {
             let _ = w.unwatch(dir);

@@ -337,9 +337,13 @@ async fn serve_conn<I>(
     let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(c);
-    let idle = limits.idle_timeout;
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let check = (idle / 4).max(Duration::from_millis(100));
+    // The connection is idle once no byte moved and no request was open for a whole
+    // idle period, checked in quarters.
+    let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
+    let quarters_needed = u32::try_from(limits.idle_timeout.as_millis() / check.as_millis().max(1))
+        .unwrap_or(4)
+        .max(1);
+    let mut quiet_checks = 0u32;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -354,10 +358,15 @@ async fn serve_conn<I>(
                 closing = true;
             }
             () = tokio::time::sleep(check), if !closing => {
-                let quiet = crate::observe::now_ms().saturating_sub(state.last_activity.load(Ordering::Relaxed));
-                if quiet >= idle_ms && state.in_flight.load(Ordering::Relaxed) == 0 {
-                    c.as_mut().graceful_shutdown();
-                    closing = true;
+                let active = state.active.swap(false, Ordering::Relaxed);
+                if active || state.in_flight.load(Ordering::Relaxed) > 0 {
+                    quiet_checks = 0;
+                } else {
+                    quiet_checks += 1;
+                    if quiet_checks >= quarters_needed {
+                        c.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
             }
         }
