@@ -236,6 +236,9 @@ impl Forwarder {
         );
         if !route.public || carries_key {
             h.remove(AUTHORIZATION);
+        } else if let Some(v) = h.get_mut(AUTHORIZATION) {
+            // Another scheme's credential passes through; keep it out of HPACK tables.
+            v.set_sensitive(true);
         }
         h.remove(&identity.key_id);
         h.remove(&identity.service_account);

@@ -135,6 +135,7 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
         p
     })?;
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
+    warn_if_exposed(&config.keys_file);
     let store = KeyStore::build(&records, None);
     let (forwarder, route_stats) = config_parts(&config, metrics)?;
     let fp = Fingerprints {
@@ -254,6 +255,21 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) {
             forwarder: parts.0,
             route_stats: parts.1,
         }));
+    }
+}
+
+/// Hashes are not secrets, but they let anyone who reads them test guesses offline.
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "key file is readable by group or others; `chmod 600` it"
+            );
+        }
     }
 }
 
