@@ -250,7 +250,12 @@ pub fn host_without_port(host: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn route(name: &str, prefix: &str, host: Option<&str>, methods: Option<Vec<Method>>) -> Route {
+    pub(super) fn route(
+        name: &str,
+        prefix: &str,
+        host: Option<&str>,
+        methods: Option<Vec<Method>>,
+    ) -> Route {
         Route {
             index: 0,
             name: name.into(),
@@ -356,26 +361,11 @@ mod props {
     ];
 
     fn table(prefixes: &[&str]) -> RouteTable {
-        RouteTable::new(
-            prefixes
-                .iter()
-                .enumerate()
-                .map(|(i, p)| Route {
-                    index: 0,
-                    name: format!("r{i}").into(),
-                    path_prefix: p.to_string(),
-                    host: None,
-                    methods: None,
-                    upstream: Upstream::parse("http://127.0.0.1:1").unwrap(),
-                    strip_prefix: false,
-                    scopes: vec![],
-                    timeout: None,
-                    public: false,
-                    max_body: None,
-                    upstream_tls: UpstreamTls::default(),
-                })
-                .collect(),
-        )
+        let routes = prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| super::tests::route(&format!("r{i}"), p, None, None));
+        RouteTable::new(routes.collect())
     }
 
     proptest! {

@@ -270,50 +270,12 @@ async fn connection(
     gw.metrics.active_connections.increment(1.0);
     let state = Arc::new(ConnState::default());
     state.touch();
-    let limits = &shared.limits;
     match &shared.tls {
-        None => {
-            let io = TrackedIo {
-                inner: stream,
-                state: state.clone(),
-            };
-            let conn = Conn {
-                peer,
-                https: false,
-                state,
-            };
-            serve_conn(
-                gw.clone(),
-                io,
-                conn,
-                &shared.builder,
-                shared.stop.clone(),
-                limits,
-            )
-            .await;
-        }
+        None => serve_tracked(&shared, stream, peer, false, state).await,
         Some(acceptor) => {
-            match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => {
-                    let io = TrackedIo {
-                        inner: tls_stream,
-                        state: state.clone(),
-                    };
-                    let conn = Conn {
-                        peer,
-                        https: true,
-                        state,
-                    };
-                    serve_conn(
-                        gw.clone(),
-                        io,
-                        conn,
-                        &shared.builder,
-                        shared.stop.clone(),
-                        limits,
-                    )
-                    .await;
-                }
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
+                Ok(Ok(tls_stream)) => serve_tracked(&shared, tls_stream, peer, true, state).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -321,6 +283,25 @@ async fn connection(
     }
     gw.metrics.active_connections.decrement(1.0);
     drop(permit);
+}
+
+/// Serves one (plain or TLS) stream with activity tracking for the idle watchdog.
+async fn serve_tracked<I>(
+    shared: &Shared,
+    io: I,
+    peer: SocketAddr,
+    https: bool,
+    state: Arc<ConnState>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TrackedIo {
+        inner: io,
+        state: state.clone(),
+    };
+    let conn = Conn { peer, https, state };
+    let (gw, stop) = (shared.gateway.clone(), shared.stop.clone());
+    serve_conn(gw, io, conn, &shared.builder, stop, &shared.limits).await;
 }
 
 async fn serve_conn<I>(

@@ -295,8 +295,8 @@ impl Gateway {
         Gateway::start_in(dir).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir) -> Gateway {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// Runs `keygate::serve` on the config in `dir` in a task of the test's runtime.
+    fn spawn(dir: tempfile::TempDir, listener: TcpListener) -> Gateway {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let path = dir.path().join("keygate.yaml");
@@ -307,12 +307,17 @@ impl Gateway {
             .await
             .unwrap();
         });
-        let gw = Gateway {
+        Gateway {
             addr,
             dir,
             stop: Some(tx),
             task: Some(task),
-        };
+        }
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir) -> Gateway {
+        let gw = Gateway::spawn(dir, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = gw.addr;
         // Serving starts after the first load; tests must not race it with file edits.
         assert!(
             eventually(60, || async {
@@ -326,24 +331,9 @@ impl Gateway {
 
     /// Starts a gateway whose listener speaks TLS (readiness cannot be probed in clear text).
     pub async fn start_in_tls(dir: tempfile::TempDir) -> Gateway {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let path = dir.path().join("keygate.yaml");
-        let task = tokio::spawn(async move {
-            keygate::serve(&path, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
+        let gw = Gateway::spawn(dir, TcpListener::bind("127.0.0.1:0").await.unwrap());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        Gateway {
-            addr,
-            dir,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        gw
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
