@@ -92,7 +92,7 @@ fn validate(config_path: &Path) -> ExitCode {
     let problems = match crate::config::Config::load(config_path) {
         Err(p) => p.0,
         Ok(config) => match crate::keys::load_key_file(&config.keys_file) {
-            Err(p) => p.0,
+            Err(p) => config.locate_key_file_problems(p).0,
             Ok(_) => Vec::new(),
         },
     };

@@ -116,6 +116,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The key file, resolved against the config's folder.
     pub keys_file: PathBuf,
+    /// Where `keys_file` is written in the config, for problems reading the key file.
+    pub keys_file_at: serde_saphyr::Location,
     /// Where last-used times are persisted.
     pub state_file: PathBuf,
     /// Realm named in `WWW-Authenticate`.
@@ -368,6 +370,22 @@ pub fn check_scope(scope: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// A key file that cannot be read at all is reported at the config's `keys_file` line.
+    pub fn locate_key_file_problems(&self, mut problems: Problems) -> Problems {
+        for p in problems
+            .0
+            .iter_mut()
+            .filter(|p| p.line == 0 && p.file == self.keys_file)
+        {
+            *p = Problem::at(
+                &self.path,
+                self.keys_file_at,
+                format!("keys_file {}: {}", self.keys_file.display(), p.message),
+            );
+        }
+        problems
+    }
+
     /// Reads and checks the config file (not the key file).
     pub fn load(path: &Path) -> Result<Config, Problems> {
         let text = std::fs::read_to_string(path)
@@ -611,6 +629,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         path: path.to_path_buf(),
         listen,
         keys_file,
+        keys_file_at: raw.keys_file.referenced,
         state_file,
         realm,
         www_authenticate,

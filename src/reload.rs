@@ -128,12 +128,8 @@ fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
 pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerprints), Problems> {
     let (text, config_hash) = read(config_path, "config")?;
     let config = Config::parse(config_path, &text)?;
-    let (keys_text, keys_hash) = read(&config.keys_file, "key file").map_err(|mut p| {
-        p.0.iter_mut().for_each(|p| {
-            p.message = format!("{} (keys_file in {})", p.message, config_path.display())
-        });
-        p
-    })?;
+    let (keys_text, keys_hash) =
+        read(&config.keys_file, "key file").map_err(|p| config.locate_key_file_problems(p))?;
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
     warn_if_exposed(&config.keys_file);
     let store = KeyStore::build(&records, None);
