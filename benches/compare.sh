@@ -63,6 +63,7 @@ routes:
     scopes: [bench.call]
 CONF
 ./target/release/keygate serve --config "$work/keygate.yaml" >/dev/null 2>&1 & pids+=($!)
+KG_PID=$!
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -85,22 +86,32 @@ backend be
   server up 127.0.0.1:$UP
 CONF
 haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 & pids+=($!)
+HA_PID=$!
 sleep 1
 
-run() { # name port -> requests/s
-  local out
+ticks() { [ -n "${1:-}" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }
+run() { # name port [pid] -> "requests/s cpu-us-per-request" (CPU only when a pid is given)
+  local out t0 t1
+  t0=$(ticks "${3:-}")
   out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H "Authorization: Api-Key $KEY" "http://127.0.0.1:$2/api/x")
+  t1=$(ticks "${3:-}")
   if echo "$out" | grep -q "Non-2xx"; then echo "$1 answered non-2xx:" >&2; echo "$out" >&2; exit 1; fi
-  echo "$out" | awk '/Requests\/sec/ {print $2}'
+  echo "$out" | awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '
+    /requests in/ {n = $1} /Requests\/sec/ {r = $2}
+    END {printf "%s %.1f\n", r, (n > 0 ? d / hz * 1e6 / n : 0)}'
 }
 declare -A total
 for name in keygate haproxy nginx; do total[$name]=""; done
 for r in $(seq 1 "$ROUNDS"); do
-  for pair in "keygate:$KG" "haproxy:$HA" "nginx:$NG"; do
-    name=${pair%%:*}; port=${pair##*:}
-    rps=$(run "$name" "$port")
+  for spec in "keygate:$KG:$KG_PID" "haproxy:$HA:$HA_PID" "nginx:$NG:"; do
+    IFS=: read -r name port pid <<< "$spec"
+    read -r rps cpu <<< "$(run "$name" "$port" "$pid")"
     total[$name]="${total[$name]} $rps"
-    printf 'round %d %-8s %10.0f req/s\n' "$r" "$name" "$rps"
+    if [ -n "$pid" ]; then
+      printf 'round %d %-8s %10.0f req/s  %6.1f us CPU/request\n' "$r" "$name" "$rps" "$cpu"
+    else
+      printf 'round %d %-8s %10.0f req/s\n' "$r" "$name" "$rps"
+    fi
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
