@@ -1,14 +1,14 @@
 //! Access log: one line per request on stdout, written by a dedicated thread so the request
 //! path never blocks on I/O. Never holds a key, a hash or an Authorization value.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 use std::time::SystemTime;
 
 use http::{HeaderValue, Method, Uri};
-use serde::Serialize;
+use std::fmt::Write as _;
 
 use crate::config::LogFormat;
 use crate::metrics::AuthOutcome;
@@ -54,69 +54,131 @@ pub struct Entry {
     pub upstream_status: Option<u16>,
 }
 
-#[derive(Serialize)]
-struct JsonLine<'a> {
-    time: String,
-    request_id: &'a str,
-    client: String,
-    method: &'a str,
-    path: &'a str,
-    route: Option<&'a str>,
-    status: u16,
-    duration_ms: f64,
-    bytes: u64,
-    key_id: Option<&'a str>,
-    service_account: Option<&'a str>,
-    auth: &'static str,
-    upstream_status: Option<u16>,
-}
-
 fn text_of(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
 }
 
+/// Writes `s` as a JSON string literal.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn json_opt(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// Formats timestamps, reusing the date and time of day while the second stays the same.
+#[derive(Default)]
+pub struct Clock {
+    second: i64,
+    prefix: String,
+}
+
+impl Clock {
+    /// Appends `t` as RFC 3339 UTC with microseconds.
+    pub fn write(&mut self, out: &mut String, t: SystemTime) {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = i64::try_from(d.as_secs()).unwrap_or(0);
+        if secs != self.second || self.prefix.is_empty() {
+            self.second = secs;
+            self.prefix = time::OffsetDateTime::from_unix_timestamp(secs)
+                .ok()
+                .and_then(|t| {
+                    t.format(time::macros::format_description!(
+                        "[year]-[month]-[day]T[hour]:[minute]:[second]"
+                    ))
+                    .ok()
+                })
+                .unwrap_or_default();
+        }
+        out.push_str(&self.prefix);
+        let _ = write!(out, ".{:06}Z", d.subsec_micros());
+    }
+}
+
 impl Entry {
+    /// Appends the line (no trailing newline) to `out`.
+    pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut String) {
+        let ms = self.duration * 1000.0;
+        let request_id = self.request_id.to_str().unwrap_or("-");
+        match format {
+            LogFormat::Json => {
+                out.push_str("{\"time\":\"");
+                clock.write(out, self.time);
+                out.push_str("\",\"request_id\":");
+                json_str(out, request_id);
+                let _ = write!(out, ",\"client\":\"{}\",\"method\":", self.client);
+                json_str(out, self.method.as_str());
+                out.push_str(",\"path\":");
+                json_str(out, self.uri.path());
+                out.push_str(",\"route\":");
+                json_opt(out, self.route.as_deref());
+                let _ = write!(
+                    out,
+                    ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"key_id\":",
+                    self.status, ms, self.bytes
+                );
+                json_opt(out, text_of(&self.key_id));
+                out.push_str(",\"service_account\":");
+                json_opt(out, text_of(&self.service_account));
+                let _ = write!(
+                    out,
+                    ",\"auth\":\"{}\",\"upstream_status\":",
+                    self.auth.as_str()
+                );
+                match self.upstream_status {
+                    Some(s) => {
+                        let _ = write!(out, "{s}}}");
+                    }
+                    None => out.push_str("null}"),
+                }
+            }
+            LogFormat::Text => {
+                clock.write(out, self.time);
+                let _ = write!(
+                    out,
+                    " {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream=",
+                    request_id,
+                    self.client,
+                    self.method,
+                    self.uri.path().escape_debug(),
+                    self.status,
+                    self.bytes,
+                    ms,
+                    self.route.as_deref().unwrap_or("-"),
+                    text_of(&self.key_id).unwrap_or("-"),
+                    text_of(&self.service_account).unwrap_or("-"),
+                    self.auth.as_str(),
+                );
+                match self.upstream_status {
+                    Some(s) => {
+                        let _ = write!(out, "{s}");
+                    }
+                    None => out.push('-'),
+                }
+            }
+        }
+    }
+
     /// Formats the line (no trailing newline).
     pub fn format(&self, format: LogFormat) -> String {
-        let time = time::OffsetDateTime::from(self.time)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let ms = (self.duration * 1_000_000.0).round() / 1000.0;
-        let line = JsonLine {
-            time,
-            request_id: self.request_id.to_str().unwrap_or("-"),
-            client: self.client.to_string(),
-            method: self.method.as_str(),
-            path: self.uri.path(),
-            route: self.route.as_deref(),
-            status: self.status,
-            duration_ms: ms,
-            bytes: self.bytes,
-            key_id: text_of(&self.key_id),
-            service_account: text_of(&self.service_account),
-            auth: self.auth.as_str(),
-            upstream_status: self.upstream_status,
-        };
-        match format {
-            LogFormat::Json => serde_json::to_string(&line).unwrap_or_default(),
-            LogFormat::Text => format!(
-                "{} {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream={}",
-                line.time,
-                line.request_id,
-                line.client,
-                line.method,
-                line.path.escape_debug(),
-                line.status,
-                line.bytes,
-                line.duration_ms,
-                line.route.unwrap_or("-"),
-                line.key_id.unwrap_or("-"),
-                line.service_account.unwrap_or("-"),
-                line.auth,
-                line.upstream_status
-                    .map_or("-".to_string(), |s| s.to_string()),
-            ),
-        }
+        let mut out = String::with_capacity(320);
+        self.format_into(format, &mut Clock::default(), &mut out);
+        out
     }
 }
 
@@ -144,6 +206,8 @@ impl AccessLog {
 fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut clock = Clock::default();
+    let mut line = String::with_capacity(512);
     loop {
         // Drain in batches and sleep between them: a writer blocked in recv() would have to be
         // woken (a futex call) for every request under load.
@@ -151,7 +215,10 @@ fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
         loop {
             match rx.try_recv() {
                 Ok((entry, format)) => {
-                    let _ = writeln!(out, "{}", entry.format(format));
+                    line.clear();
+                    entry.format_into(format, &mut clock, &mut line);
+                    line.push('\n');
+                    let _ = out.write_all(line.as_bytes());
                     wrote = true;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -165,5 +232,53 @@ fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
             let _ = out.flush();
         }
         std::thread::sleep(FLUSH_EVERY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            time: std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_450_000_123_456),
+            request_id: HeaderValue::from_static("id-\"1\\"),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            method: Method::GET,
+            uri: "/a%22b/c?secret=1".parse().unwrap(),
+            route: Some("api\u{1}".into()),
+            status: 200,
+            duration: 0.0012345,
+            bytes: 42,
+            key_id: Some(HeaderValue::from_static("k1")),
+            service_account: None,
+            auth: AuthOutcome::Allowed,
+            upstream_status: None,
+        }
+    }
+
+    #[test]
+    fn json_lines_parse_and_escape() {
+        let line = entry().format(LogFormat::Json);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["time"], "2025-11-29T21:00:00.123456Z");
+        assert_eq!(v["request_id"], "id-\"1\\");
+        assert_eq!(v["path"], "/a%22b/c");
+        assert_eq!(v["route"], "api\u{1}");
+        assert_eq!(v["duration_ms"], 1.234);
+        assert_eq!(v["key_id"], "k1");
+        assert!(v["service_account"].is_null() && v["upstream_status"].is_null());
+        assert!(!line.contains("secret"));
+    }
+
+    #[test]
+    fn text_lines_have_every_field() {
+        let line = entry().format(LogFormat::Text);
+        assert!(line.starts_with("2025-11-29T21:00:00.123456Z "), "{line}");
+        assert!(
+            line.contains("\"GET /a%22b/c\" 200 42 1.234ms route=api"),
+            "{line}"
+        );
+        assert!(line.ends_with("auth=allowed upstream=-"), "{line}");
     }
 }
