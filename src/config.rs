@@ -268,7 +268,17 @@ impl Default for Limits {
 }
 
 /// Default listen address when the config names none.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+/// Where last-used state lives when the config sets no `state_file`: beside the key file.
+pub fn default_state_file(keys_file: &Path) -> PathBuf {
+    let dir = match keys_file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    dir.join("keys-state.json")
+}
 
 /// Parses a duration written as `500ms`, `30s`, `2m`, `1h`, `90d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -426,9 +436,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
                 l.referenced,
                 format!("invalid listen address {:?}: expected IP:PORT", l.value),
             ));
-            SocketAddr::from(([127, 0, 0, 1], 8080))
+            DEFAULT_LISTEN
         }),
-        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        None => DEFAULT_LISTEN,
     };
 
     if raw.keys_file.value.trim().is_empty() {
@@ -441,10 +451,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
     let keys_file = resolve(&base, &raw.keys_file.value);
     let state_file = match &raw.state_file {
         Some(s) => resolve(&base, &s.value),
-        None => keys_file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("keys-state.json"),
+        None => default_state_file(&keys_file),
     };
 
     let realm = raw

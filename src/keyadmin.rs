@@ -161,17 +161,7 @@ struct Target {
 
 fn target(args: &KeysArgs) -> Result<Target, Failure> {
     if let Some(path) = &args.keys_file {
-        let state_file = path
-            .parent()
-            .map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d.to_path_buf()
-                }
-            })
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join("keys-state.json");
+        let state_file = crate::config::default_state_file(path);
         return Ok(Target {
             keys_file: path.clone(),
             state_file,
@@ -207,6 +197,24 @@ fn check_scopes(scopes: &[String], known: Option<&[String]>) -> Result<(), Failu
         }
     }
     Ok(())
+}
+
+/// The checks `create` and `import` share: account, scopes, expiry.
+fn new_key_terms(
+    target: &Target,
+    service_account: &str,
+    scopes: &[String],
+    now: OffsetDateTime,
+    expires_in: Option<&str>,
+    expires_at: Option<&str>,
+) -> Result<Option<OffsetDateTime>, Failure> {
+    if !keys::valid_service_account(service_account) {
+        return Err(usage(
+            "--service-account: expected visible ASCII without spaces",
+        ));
+    }
+    check_scopes(scopes, target.known_scopes.as_deref())?;
+    expiry(now, expires_in, expires_at)
 }
 
 fn expiry(
@@ -322,13 +330,14 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_at,
             description,
         } => {
-            if !keys::valid_service_account(service_account) {
-                return Err(usage(
-                    "--service-account: expected visible ASCII without spaces",
-                ));
-            }
-            check_scopes(scopes, t.known_scopes.as_deref())?;
-            let expires_at = expiry(now, expires_in.as_deref(), expires_at.as_deref())?;
+            let expires_at = new_key_terms(
+                &t,
+                service_account,
+                scopes,
+                now,
+                expires_in.as_deref(),
+                expires_at.as_deref(),
+            )?;
             let key =
                 keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
             let rec = keyfile::update(&t.keys_file, |records| {
@@ -361,18 +370,19 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             let digest = keys::parse_hash(hash).ok_or_else(|| {
                 usage("--hash: expected sha256: followed by 64 lowercase hex digits")
             })?;
-            if !keys::valid_service_account(service_account) {
-                return Err(usage(
-                    "--service-account: expected visible ASCII without spaces",
-                ));
-            }
             if let Some(id) = id {
                 if !keys::valid_id(id) {
                     return Err(usage("--id: use letters, digits, '-', '_', '.'"));
                 }
             }
-            check_scopes(scopes, t.known_scopes.as_deref())?;
-            let expires_at = expiry(now, expires_in.as_deref(), expires_at.as_deref())?;
+            let expires_at = new_key_terms(
+                &t,
+                service_account,
+                scopes,
+                now,
+                expires_in.as_deref(),
+                expires_at.as_deref(),
+            )?;
             let rec = keyfile::update(&t.keys_file, |records| {
                 if records.iter().any(|r| r.hash == digest) {
                     return Err("a key with this hash is already in the key file".to_string());
