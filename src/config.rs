@@ -140,6 +140,8 @@ pub struct Config {
     pub limits: Limits,
     /// Time in-flight requests get after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Time the listener keeps accepting after SIGTERM while `/readyz` says 503.
+    pub shutdown_delay: Duration,
     /// Whether metrics carry key ids.
     pub metrics_per_key: bool,
 }
@@ -160,6 +162,7 @@ struct RawConfig {
     log_format: Option<Spanned<String>>,
     limits: Option<RawLimits>,
     shutdown_grace: Option<Spanned<String>>,
+    shutdown_delay: Option<Spanned<String>>,
     metrics: Option<RawMetrics>,
 }
 
@@ -220,6 +223,7 @@ struct RawRoute {
     max_body: Option<Spanned<SizeText>>,
     ca_file: Option<Spanned<String>>,
     tls_server_name: Option<Spanned<String>>,
+    websocket: Option<Spanned<bool>>,
 }
 
 /// Where the gateway's TLS certificate and key live.
@@ -605,6 +609,17 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         },
     };
 
+    let shutdown_delay = match &raw.shutdown_delay {
+        None => Duration::ZERO,
+        Some(g) => match parse_duration(&g.value) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(Problem::at(path, g.referenced, e));
+                Duration::ZERO
+            }
+        },
+    };
+
     let mut routes = Vec::with_capacity(raw.routes.len());
     let mut names: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for r in &raw.routes {
@@ -648,6 +663,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         log_format,
         limits,
         shutdown_grace,
+        shutdown_delay,
         metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
     })
 }
@@ -836,6 +852,7 @@ fn check_route(
         scopes,
         timeout,
         public,
+        websocket: r.websocket.as_ref().is_none_or(|w| w.value),
     })
 }
 

@@ -139,6 +139,8 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// TLS settings for `https://` upstreams.
     pub upstream_tls: UpstreamTls,
+    /// Forward WebSocket upgrades (no other upgrade token is ever forwarded).
+    pub websocket: bool,
 }
 
 /// How an `https://` upstream is verified.
@@ -269,6 +271,7 @@ mod tests {
             public: false,
             max_body: None,
             upstream_tls: UpstreamTls::default(),
+            websocket: true,
         }
     }
 
