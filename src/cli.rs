@@ -45,6 +45,33 @@ pub enum Command {
     Keys(crate::keyadmin::KeysArgs),
 }
 
+/// Set when diagnostics are JSON lines, so errors printed on the way out are JSON too.
+pub static JSON_DIAGNOSTICS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// True when `serve` should write its diagnostics as JSON: `log_format: json`, the default,
+/// also when the config cannot be read (its problems are then JSON lines too).
+pub fn json_diagnostics(cli: &Cli) -> bool {
+    match &cli.command {
+        Command::Serve { config } => std::fs::read_to_string(config)
+            .ok()
+            .and_then(|text| crate::config::Config::parse(config, &text).ok())
+            .is_none_or(|c| c.log_format == crate::config::LogFormat::Json),
+        _ => false,
+    }
+}
+
+/// Prints a fatal diagnostic: a JSON object when diagnostics are JSON, else plain text.
+fn fatal(message: &str) {
+    if JSON_DIAGNOSTICS.load(std::sync::atomic::Ordering::Relaxed) {
+        for line in message.lines() {
+            tracing::error!("{line}");
+        }
+    } else {
+        eprintln!("{message}");
+    }
+}
+
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -59,10 +86,10 @@ pub fn run(cli: Cli) -> ExitCode {
             if let Some(crate::ServeError::Invalid(problems)) =
                 e.downcast_ref::<crate::ServeError>()
             {
-                eprintln!("{problems}");
+                fatal(&problems.to_string());
                 return ExitCode::from(EXIT_INVALID);
             }
-            eprintln!("keygate: {e:#}");
+            fatal(&format!("keygate: {e:#}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }

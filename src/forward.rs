@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::auth::{self, Credential, Permit};
 use crate::config::{Config, IdentityHeaders};
 use crate::headers;
+use crate::keys;
 use crate::routes::UpstreamScheme;
 
 /// Deadline for an upstream's response head when the route sets none.
@@ -48,6 +49,8 @@ pub struct RequestBody {
     inner: Incoming,
     remaining: u64,
     fault: Option<Arc<BodyFault>>,
+    /// Identity header names to remove from request trailers (bodies with content only).
+    identity: Option<[http::HeaderName; 2]>,
 }
 
 /// Why a request body stopped early, so the failed exchange is blamed on the right side.
@@ -78,7 +81,16 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(t) = frame.trailers_mut() {
+                    // Trailers reach the upstream too: no key or forged identity in them.
+                    let names = this.identity.as_ref().map_or(&[][..], |n| &n[..]);
+                    let refs: [&http::HeaderName; 2] = match names {
+                        [a, b] => [a, b],
+                        _ => [&AUTHORIZATION, &AUTHORIZATION],
+                    };
+                    headers::strip_trailers(t, &refs);
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
@@ -111,14 +123,54 @@ impl Body for RequestBody {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+/// Connects to one fixed upstream whatever the request URI names.
+///
+/// HTTP/2 takes `:authority` from the URI, which must carry the client's host (RFC 9113
+/// 8.3.1); so per-route clients put that host in the URI and this connector ignores it.
+#[derive(Clone)]
+struct FixedDest {
+    inner: HttpConnector,
+    dest: Uri,
+}
 
-/// Pooled upstream clients, one per protocol (and per route with its own TLS settings).
+type ConnectFuture = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    TokioIo<tokio::net::TcpStream>,
+                    Box<dyn std::error::Error + Send + Sync>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<Uri> for FixedDest {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, _requested: Uri) -> Self::Future {
+        let connecting = tower_service::Service::call(&mut self.inner, self.dest.clone());
+        Box::pin(async move { connecting.await.map_err(Into::into) })
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<FixedDest>, RequestBody>;
+
+/// A route's own client when its upstream may speak HTTP/2 (h2c, or https with ALPN h2).
+enum RouteClient {
+    H2c(Client<FixedDest, RequestBody>),
+    Https(HttpsClient),
+}
+
+/// Pooled upstream clients: one shared for `http://` routes, one per h2c or https route.
 pub struct Forwarder {
     http1: Client<HttpConnector, RequestBody>,
-    h2c: Client<HttpConnector, RequestBody>,
-    https: HttpsClient,
-    https_by_route: Vec<Option<HttpsClient>>,
+    by_route: Vec<Option<RouteClient>>,
 }
 
 /// Facts about the downstream request that forwarding needs.
@@ -133,6 +185,8 @@ pub struct Downstream<'a> {
     pub client: IpAddr,
     /// Whether the client connection was TLS.
     pub https: bool,
+    /// The live snapshots, so an upgraded connection can end with its key.
+    pub snapshots: &'a Arc<arc_swap::ArcSwap<crate::reload::Snapshot>>,
 }
 
 fn connector(connect_timeout: Duration) -> HttpConnector {
@@ -144,30 +198,45 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
     c
 }
 
+fn fixed(connect_timeout: Duration, up: &crate::routes::Upstream) -> Result<FixedDest, String> {
+    let scheme = match up.scheme {
+        UpstreamScheme::Https => "https",
+        UpstreamScheme::Http | UpstreamScheme::H2c => "http",
+    };
+    let dest = Uri::try_from(format!("{scheme}://{}/", up.authority))
+        .map_err(|e| format!("upstream {}: {e}", up.authority))?;
+    Ok(FixedDest {
+        inner: connector(connect_timeout),
+        dest,
+    })
+}
+
 fn https_client(
     connect_timeout: Duration,
-    ca_file: Option<&std::path::Path>,
-    server_name: Option<&str>,
+    route: &crate::routes::Route,
 ) -> Result<HttpsClient, String> {
-    let tls = crate::tls::client_config(ca_file)?;
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+    let t = &route.upstream_tls;
+    let tls = crate::tls::client_config(t.ca_file.as_deref())?;
+    // The URI carries the client's host, so the name to verify must be fixed here.
+    let host = route.upstream.authority.host();
+    let name = t
+        .server_name
+        .as_deref()
+        .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']'));
+    let name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|_| format!("invalid TLS server name {name:?}"))?;
+    let conn = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_only();
-    let builder = match server_name {
-        Some(n) => {
-            let name = rustls::pki_types::ServerName::try_from(n.to_string())
-                .map_err(|_| format!("invalid tls_server_name {n:?}"))?;
-            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-        }
-        None => builder,
-    };
-    let conn = builder
+        .https_only()
+        .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
         .enable_http1()
         .enable_http2()
-        .wrap_connector(connector(connect_timeout));
+        .wrap_connector(fixed(connect_timeout, &route.upstream)?);
+    // set_host: on HTTP/1.1 the Host comes from the URI (the client's host); on HTTP/2 the
+    // same value is `:authority` and no Host is sent.
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .set_host(false)
+        .set_host(true)
         .build(conn))
 }
 
@@ -179,29 +248,22 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(90))
             .set_host(false)
             .build(connector(ct));
-        let h2c = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(true)
-            .set_host(false)
-            .build(connector(ct));
-        let https = https_client(ct, None, None)?;
-        let https_by_route = config
+        let by_route = config
             .routes
             .iter()
-            .map(|r| {
-                let t = &r.upstream_tls;
-                if t.ca_file.is_none() && t.server_name.is_none() {
-                    return Ok(None);
-                }
-                https_client(ct, t.ca_file.as_deref(), t.server_name.as_deref()).map(Some)
+            .map(|r| match r.upstream.scheme {
+                UpstreamScheme::Http => Ok(None),
+                UpstreamScheme::H2c => Ok(Some(RouteClient::H2c(
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(Duration::from_secs(90))
+                        .http2_only(true)
+                        .set_host(false)
+                        .build(fixed(ct, &r.upstream)?),
+                ))),
+                UpstreamScheme::Https => https_client(ct, r).map(|c| Some(RouteClient::Https(c))),
             })
             .collect::<Result<_, String>>()?;
-        Ok(Forwarder {
-            http1,
-            h2c,
-            https,
-            https_by_route,
-        })
+        Ok(Forwarder { http1, by_route })
     }
 
     /// Sends the request upstream as the permit allows and returns the upstream's response.
@@ -226,14 +288,16 @@ impl Forwarder {
                 return Err(ForwardError::BodyTooLarge);
             }
         }
-        let upgrade = headers::upgrade_request(&parts.headers).cloned();
+        let websocket = route.websocket && headers::is_websocket_upgrade(&parts.headers);
         let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, true);
         // A key never reaches an upstream; other schemes pass through on public routes.
-        let carries_key = matches!(
-            auth::credential(h),
-            Credential::ApiKey(_) | Credential::MalformedApiKey
-        );
+        let key_digest = match auth::credential(h) {
+            Credential::ApiKey(token) => Some(keys::digest(token)),
+            _ => None,
+        };
+        let carries_key =
+            key_digest.is_some() || matches!(auth::credential(h), Credential::MalformedApiKey);
+        headers::strip_hop_by_hop(h, true);
         if !route.public || carries_key {
             h.remove(AUTHORIZATION);
         } else if let Some(v) = h.get_mut(AUTHORIZATION) {
@@ -250,39 +314,47 @@ impl Forwarder {
             );
         }
         headers::set_forwarded(h, down.client, down.https, down.host.as_ref());
-        if let Some(host) = down.host {
-            h.insert(HOST, host);
-        }
-        let downstream_upgrade = match &upgrade {
-            Some(proto) => {
-                h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                h.insert(UPGRADE, proto.clone());
-                parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        let client = self.by_route.get(route.index).and_then(Option::as_ref);
+        let uri_host = match (client, &down.host) {
+            // HTTP/2 upstreams get the client's host as `:authority`, and no Host header.
+            (Some(_), Some(host)) => {
+                let authority = http::uri::Authority::try_from(host.as_bytes()).ok();
+                h.remove(HOST);
+                authority
             }
-            None => None,
+            (Some(_), None) => None,
+            (None, host) => {
+                if let Some(host) = host {
+                    h.insert(HOST, host.clone());
+                }
+                None
+            }
         };
-        parts.uri = upstream_uri(permit, down.path, down.query)?;
+        let downstream_upgrade = if websocket {
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        parts.uri = upstream_uri(permit, uri_host.as_ref(), down.path, down.query)?;
         let body = RequestBody {
             inner: body,
             remaining: route.max_body.unwrap_or(u64::MAX),
             fault: fault.clone(),
+            identity: fault
+                .is_some()
+                .then(|| [identity.key_id.clone(), identity.service_account.clone()]),
         };
         parts.version = match route.upstream.scheme {
             UpstreamScheme::H2c => Version::HTTP_2,
             UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,
         };
         let req = Request::from_parts(parts, body);
-        let send = match route.upstream.scheme {
-            UpstreamScheme::Http => self.http1.request(req),
-            UpstreamScheme::H2c => self.h2c.request(req),
-            UpstreamScheme::Https => match self
-                .https_by_route
-                .get(route.index)
-                .and_then(Option::as_ref)
-            {
-                Some(c) => c.request(req),
-                None => self.https.request(req),
-            },
+        let send = match client {
+            None => self.http1.request(req),
+            Some(RouteClient::H2c(c)) => c.request(req),
+            Some(RouteClient::Https(c)) => c.request(req),
         };
         let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let mut resp = match tokio::time::timeout(deadline, send).await {
@@ -303,20 +375,53 @@ impl Forwarder {
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let proto = resp.headers().get(UPGRADE).cloned();
+            let agreed = proto
+                .as_ref()
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+            let Some(down_up) = downstream_upgrade.filter(|_| agreed) else {
+                // A switch nobody asked for (or to another protocol) would be a tunnel past
+                // every check; the client gets a 502 instead.
+                tracing::debug!(route = %route.name, "upstream switched protocols unasked");
+                return Err(ForwardError::Unavailable);
+            };
             headers::strip_hop_by_hop(resp.headers_mut(), false);
-            if let (Some(down_up), Some(proto)) = (downstream_upgrade, proto) {
-                resp.headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                resp.headers_mut().insert(UPGRADE, proto);
-                let up_up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(splice(down_up, up_up));
-            }
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            resp.headers_mut()
+                .insert(UPGRADE, HeaderValue::from_static("websocket"));
+            let up_up = hyper::upgrade::on(&mut resp);
+            let watch = key_digest
+                .filter(|_| permit.key.is_some())
+                .map(|digest| KeyWatch {
+                    snapshots: down.snapshots.clone(),
+                    digest,
+                });
+            tokio::spawn(splice(down_up, up_up, watch));
             return Ok(resp);
         }
         headers::strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
     }
 }
+
+/// Ends a tunnel once the key that opened it is revoked, expired or gone.
+struct KeyWatch {
+    snapshots: Arc<arc_swap::ArcSwap<crate::reload::Snapshot>>,
+    digest: keys::Digest32,
+}
+
+impl KeyWatch {
+    fn still_valid(&self) -> bool {
+        let now = auth::now_secs();
+        let snap = self.snapshots.load();
+        snap.keys
+            .lookup(&self.digest)
+            .is_some_and(|k| !k.revoked && k.expires_at.is_none_or(|t| now < t))
+    }
+}
+
+/// How often a tunnel re-checks its key: well inside the 2 s a revocation may take.
+const KEY_RECHECK: Duration = Duration::from_millis(500);
 
 thread_local! {
     /// This thread's clients, with the generation of the config they were built from.
@@ -346,7 +451,14 @@ pub fn local(snapshot: &crate::reload::Snapshot) -> Arc<Forwarder> {
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
-async fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+///
+/// The client's upgraded stream still holds its connection slot, so a tunnel counts toward
+/// `max_connections` and the connection gauge, and ends with the worker at shutdown.
+async fn splice(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    watch: Option<KeyWatch>,
+) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
@@ -356,12 +468,34 @@ async fn splice(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     };
     let mut down = TokioIo::new(down);
     let mut up = TokioIo::new(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval(KEY_RECHECK);
+    loop {
+        tokio::select! {
+            res = &mut copy => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick(), if watch.is_some() => {
+                if watch.as_ref().is_some_and(|w| !w.still_valid()) {
+                    tracing::info!("closing an upgraded connection: its key is no longer valid");
+                    return;
+                }
+            }
+        }
     }
 }
 
-fn upstream_uri(permit: Permit<'_>, path: &str, query: Option<&str>) -> Result<Uri, ForwardError> {
+/// The upstream request's URI; `host` replaces the upstream's authority for per-route clients.
+fn upstream_uri(
+    permit: Permit<'_>,
+    host: Option<&http::uri::Authority>,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, ForwardError> {
     let route = permit.route;
     let up = &route.upstream;
     let path = route.upstream_path(path);
@@ -369,15 +503,16 @@ fn upstream_uri(permit: Permit<'_>, path: &str, query: Option<&str>) -> Result<U
         UpstreamScheme::Https => "https://",
         UpstreamScheme::Http | UpstreamScheme::H2c => "http://",
     };
+    let authority = host.unwrap_or(&up.authority).as_str();
     let mut s = String::with_capacity(
         scheme.len()
-            + up.authority.as_str().len()
+            + authority.len()
             + up.base_path.len()
             + path.len()
             + query.map_or(0, |q| q.len() + 1),
     );
     s.push_str(scheme);
-    s.push_str(up.authority.as_str());
+    s.push_str(authority);
     s.push_str(&up.base_path);
     s.push_str(path);
     if let Some(q) = query {

@@ -17,17 +17,22 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `HTTP2-Settings`: only meaningful with an `Upgrade: h2c`, which never crosses the gateway.
+pub static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Hop-by-hop headers that never cross the gateway (RFC 9110 7.6.1, plus legacy ones).
+///
+/// `Trailer` is not among them: it declares end-to-end trailer fields (RFC 9110 6.6.2), and
+/// hyper sends HTTP/1.1 trailers only for the names it lists.
 static HOP_BY_HOP: [&HeaderName; 8] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &header::PROXY_AUTHENTICATE,
     &header::PROXY_AUTHORIZATION,
-    &header::TRAILER,
     &header::TRANSFER_ENCODING,
     &header::UPGRADE,
+    &HTTP2_SETTINGS,
 ];
 
 /// True for names the gateway owns and an identity header must not reuse.
@@ -37,6 +42,7 @@ pub fn is_reserved(name: &HeaderName) -> bool {
             &header::AUTHORIZATION,
             &header::HOST,
             &header::TE,
+            &header::TRAILER,
             &header::CONTENT_LENGTH,
             &X_FORWARDED_FOR,
             &X_FORWARDED_PROTO,
@@ -85,20 +91,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     }
 }
 
-/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`).
-pub fn upgrade_request(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let wants = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-            .unwrap_or(false)
-    });
-    if wants {
-        headers.get(header::UPGRADE)
-    } else {
-        None
+/// True when any value of `name` lists `token` (comma-separated, case-insensitive).
+fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// True for an HTTP/1.1 WebSocket upgrade (`Connection: upgrade` + `Upgrade: websocket`).
+///
+/// No other upgrade is ever forwarded: an upstream that accepts `h2c` would hand the client a
+/// raw HTTP/2 connection past every route and scope check ("h2c smuggling").
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    lists_token(headers, &header::CONNECTION, "upgrade")
+        && lists_token(headers, &header::UPGRADE, "websocket")
+}
+
+/// RFC 9112 6.1: the only transfer coding a request may carry here is one final `chunked`.
+///
+/// `chunked, chunked`, two `chunked` fields, or `gzip, chunked` are refused: intermediaries
+/// disagree on them, which is how request smuggling starts.
+pub fn transfer_coding_ok(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
+}
+
+/// Removes what must not travel in request trailers: the key and the identity headers.
+pub fn strip_trailers(trailers: &mut HeaderMap, identity: &[&HeaderName]) {
+    trailers.remove(header::AUTHORIZATION);
+    for name in identity {
+        trailers.remove(*name);
+    }
+    for name in HOP_BY_HOP {
+        trailers.remove(name);
     }
 }
 
@@ -221,6 +256,51 @@ mod tests {
         strip_hop_by_hop(&mut m, true);
         assert_eq!(m.len(), 1);
         assert!(m.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn trailer_declaration_is_end_to_end() {
+        let mut m = map(&[("trailer", "x-checksum"), ("http2-settings", "AAA")]);
+        strip_hop_by_hop(&mut m, true);
+        assert!(m.contains_key("trailer"));
+        assert!(!m.contains_key("http2-settings"));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_count() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
+        assert!(is_websocket_upgrade(&ws));
+        for pairs in [
+            &[("connection", "upgrade"), ("upgrade", "h2c")][..],
+            &[("connection", "close"), ("upgrade", "websocket")][..],
+            &[("upgrade", "websocket")][..],
+        ] {
+            assert!(!is_websocket_upgrade(&map(pairs)), "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn one_final_chunked_only() {
+        assert!(transfer_coding_ok(&map(&[])));
+        assert!(transfer_coding_ok(&map(&[(
+            "transfer-encoding",
+            "Chunked"
+        )])));
+        for v in [
+            &[("transfer-encoding", "chunked, chunked")][..],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ][..],
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "identity")][..],
+            &[("transfer-encoding", "chunked,")][..],
+        ] {
+            assert!(!transfer_coding_ok(&map(v)), "{v:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `keygate` binary: parse the command line, set up logging, run, map to an exit code.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,10 +9,22 @@ fn main() -> ExitCode {
     let cli = keygate::cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Colour only for a person at a terminal: files, pipes and log shippers get plain bytes.
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi);
+    if keygate::cli::json_diagnostics(&cli) {
+        keygate::cli::JSON_DIAGNOSTICS.store(true, std::sync::atomic::Ordering::Relaxed);
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
     keygate::cli::run(cli)
 }
 

@@ -23,6 +23,11 @@ pub struct ConnState {
     pub active: AtomicBool,
     /// Requests whose response has not finished.
     pub in_flight: AtomicUsize,
+    /// HTTP/1: bytes of a request head arrived and the head is not complete yet, so the
+    /// header read timeout runs (it must not run on an idle keep-alive connection).
+    pub head_pending: AtomicBool,
+    /// The connection speaks HTTP/2: only streams count as activity, not pings.
+    pub h2: AtomicBool,
 }
 
 impl ConnState {

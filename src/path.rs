@@ -66,6 +66,31 @@ fn is_canonical(bytes: &[u8]) -> bool {
     !is_dot_segment(&bytes[seg_start..])
 }
 
+/// The path routing matches on: each segment without its `;parameters` (literal `;` or `%3B`).
+///
+/// `/p;x/secret` is `/p/secret` to servlet containers, so it must meet `/p/`'s key check;
+/// the upstream still gets the normalized path with its parameters.
+pub fn route_key(normalized: &str) -> Cow<'_, str> {
+    let b = normalized.as_bytes();
+    let has_params = b.contains(&b';') || b.windows(3).any(|w| w == b"%3B");
+    if !has_params {
+        return Cow::Borrowed(normalized);
+    }
+    let mut out = String::with_capacity(normalized.len());
+    for (i, seg) in normalized.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let cut = [seg.find(';'), seg.find("%3B")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(seg.len());
+        out.push_str(&seg[..cut]);
+    }
+    Cow::Owned(out)
+}
+
 fn is_dot_segment(seg: &[u8]) -> bool {
     seg == b"." || seg == b".."
 }
@@ -157,12 +182,14 @@ fn normalize_slow(path: &str) -> Result<String, PathError> {
         }
         let mut seg = String::with_capacity(raw.len());
         canonical_segment(raw, &mut seg, &mut decoded)?;
-        let bare = seg.split(';').next().unwrap_or("");
-        if bare == "." || bare == ".." {
-            if bare.len() != seg.len() {
+        // Servlet-style upstreams decode `%3B` to `;` and then drop parameters, so `..%3B` is
+        // a `..` to them: judge dot-segments by the decoded bytes.
+        let bare = decoded.split(|&b| b == b';').next().unwrap_or(&[]);
+        if bare == b"." || bare == b".." {
+            if bare.len() != decoded.len() {
                 return Err(PathError::DotSegmentParams);
             }
-            if bare == ".." && stack.pop().is_none() {
+            if bare == b".." && stack.pop().is_none() {
                 return Err(PathError::AboveRoot);
             }
             trailing_slash = true;
@@ -242,6 +269,27 @@ mod tests {
     #[test]
     fn params_on_normal_segments_are_kept() {
         assert_eq!(n("/a;v=1/b").unwrap(), "/a;v=1/b");
+    }
+
+    #[test]
+    fn encoded_params_on_dot_segments_are_refused() {
+        for p in [
+            "/pub/..%3B/p/secret",
+            "/a/.%3Bx/b",
+            "/a/%2e%2e;/b",
+            "/a/%2E%2e%3b/b",
+        ] {
+            assert_eq!(n(p), Err(PathError::DotSegmentParams), "{p}");
+        }
+        assert_eq!(n("/a/x%3B../b").unwrap(), "/a/x%3B../b");
+    }
+
+    #[test]
+    fn routing_ignores_params() {
+        assert_eq!(route_key("/p;x/secret"), "/p/secret");
+        assert_eq!(route_key("/p%3Bx/secret;v=1"), "/p/secret");
+        assert_eq!(route_key("/p;/"), "/p/");
+        assert!(matches!(route_key("/p/secret"), Cow::Borrowed(_)));
     }
 }
 

@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, HOST};
-use http::{HeaderValue, Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -55,17 +55,79 @@ struct Conn {
     state: Arc<ConnState>,
 }
 
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+/// A connection's slot under `max_connections` and its place in the connection gauge.
+///
+/// Owned by the connection's I/O, so an upgraded (WebSocket) stream keeps holding it.
+struct ConnHold {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
 }
 
-/// An I/O stream that records when bytes last moved, for the idle watchdog.
+impl ConnHold {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: &metrics::Gauge) -> ConnHold {
+        gauge.increment(1.0);
+        ConnHold {
+            _permit: permit,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for ConnHold {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// An I/O stream that records activity for the idle watchdog and header read timeout.
 struct TrackedIo<I> {
     inner: I,
     state: Arc<ConnState>,
+    /// First bytes read, until three tell HTTP/2's preface (`PRI`) from an HTTP/1 method.
+    sniff: [u8; 3],
+    sniffed: u8,
+    h2: bool,
+    _hold: ConnHold,
+}
+
+impl<I> TrackedIo<I> {
+    fn new(inner: I, state: Arc<ConnState>, hold: ConnHold) -> TrackedIo<I> {
+        TrackedIo {
+            inner,
+            state,
+            sniff: [0; 3],
+            sniffed: 0,
+            h2: false,
+            _hold: hold,
+        }
+    }
+
+    fn saw(&mut self, bytes: &[u8]) {
+        if usize::from(self.sniffed) < self.sniff.len() {
+            for &b in bytes
+                .iter()
+                .take(self.sniff.len() - usize::from(self.sniffed))
+            {
+                self.sniff[usize::from(self.sniffed)] = b;
+                self.sniffed += 1;
+            }
+            if usize::from(self.sniffed) == self.sniff.len() && &self.sniff == b"PRI" {
+                self.h2 = true;
+                self.state.h2.store(true, Ordering::Relaxed);
+                self.state.head_pending.store(false, Ordering::Relaxed);
+            }
+        }
+        // HTTP/2 pings and settings are not activity: only streams keep it open.
+        if self.h2 {
+            return;
+        }
+        self.state.touch();
+        if self.state.in_flight.load(Ordering::Relaxed) == 0
+            && !self.state.head_pending.load(Ordering::Relaxed)
+        {
+            self.state.head_pending.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
@@ -77,7 +139,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.state.touch();
+            let this = &mut *self;
+            this.saw(&buf.filled()[before..]);
         }
         r
     }
@@ -90,7 +153,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if !self.h2 && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
         r
@@ -101,7 +164,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if !self.h2 && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.state.touch();
         }
         r
@@ -124,9 +187,11 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .unwrap_or(usize::MAX)
         .saturating_mul(2)
         .max(16 * 1024);
+    // hyper starts its header timer as soon as a keep-alive connection goes idle, which cut
+    // idle connections at header_read_timeout; serve_conn runs that timer from the first byte.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(buf)
         .max_headers(1000);
     b.http2()
@@ -146,15 +211,35 @@ pub fn worker_count() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+thread_local! {
+    /// This thread's connection builder, with the generation of the config it came from.
+    static BUILDER: std::cell::RefCell<Option<(u64, Arc<auto::Builder<TokioExecutor>>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The connection builder for the current config, so changed limits apply to new connections.
+fn local_builder(config: &crate::config::Config) -> Arc<auto::Builder<TokioExecutor>> {
+    BUILDER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if let Some((generation, b)) = slot.as_ref() {
+            if *generation == config.generation {
+                return b.clone();
+            }
+        }
+        let b = Arc::new(builder(&config.limits));
+        *slot = Some((config.generation, b.clone()));
+        b
+    })
+}
+
 /// What every worker shares.
 #[derive(Clone)]
 struct Shared {
     gateway: Arc<Gateway>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
-    limits: Limits,
+    max_connections: usize,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then drains.
@@ -168,33 +253,36 @@ pub async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let config = gateway.snapshot.load().config.clone();
-    let limits = config.limits.clone();
-    let max = limits.max_connections;
+    let max = gateway.snapshot.load().config.limits.max_connections;
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
         gateway: gateway.clone(),
-        builder: Arc::new(builder(&limits)),
         tls,
         slots: Arc::new(Semaphore::new(max)),
         stop: stop_rx,
-        limits,
+        max_connections: max,
     };
     let listener = listener.into_std()?;
     let mut workers = Vec::new();
     for i in 0..worker_count() {
         let (l, sh) = (listener.try_clone()?, shared.clone());
-        let grace = config.shutdown_grace;
         workers.push(
             std::thread::Builder::new()
                 .name(format!("keygate-worker-{i}"))
-                .spawn(move || worker(l, sh, grace))?,
+                .spawn(move || worker(l, sh))?,
         );
     }
     drop(listener);
     gateway.ready.store(true, Ordering::Relaxed);
     shutdown.await;
+    // Load balancers keep sending for a while after they are told: say "not ready" at once,
+    // keep serving for shutdown_delay, then stop accepting and drain.
     gateway.ready.store(false, Ordering::Relaxed);
+    let delay = gateway.snapshot.load().config.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(delay = ?delay, "not ready; still accepting for shutdown_delay");
+        tokio::time::sleep(delay).await;
+    }
     let _ = stop_tx.send(true);
     let _ = tokio::task::spawn_blocking(move || {
         for w in workers {
@@ -205,7 +293,7 @@ pub async fn accept_loop(
     Ok(())
 }
 
-fn worker(listener: std::net::TcpListener, shared: Shared, grace: Duration) {
+fn worker(listener: std::net::TcpListener, shared: Shared) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -247,8 +335,10 @@ fn worker(listener: std::net::TcpListener, shared: Shared, grace: Duration) {
             tokio::spawn(connection(shared.clone(), stream, peer, permit));
         }
         drop(listener);
-        // Drain: in-flight requests on this worker get up to the grace period.
-        let max = shared.limits.max_connections;
+        // Drain: in-flight requests (and upgraded connections, which hold a slot) on this
+        // worker get up to the grace period; whatever is left ends with the runtime.
+        let max = shared.max_connections;
+        let grace = shared.gateway.snapshot.load().config.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         while shared.slots.available_permits() < max {
             if tokio::time::Instant::now() >= deadline {
@@ -266,42 +356,41 @@ async fn connection(
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let gw = &shared.gateway;
-    gw.metrics.active_connections.increment(1.0);
+    let hold = ConnHold::new(permit, &shared.gateway.metrics.active_connections);
     let state = Arc::new(ConnState::default());
     state.touch();
+    // Limits come from the config of the moment, so a reload applies to new connections.
+    let config = shared.gateway.snapshot.load().config.clone();
     match &shared.tls {
-        None => serve_tracked(&shared, stream, peer, false, state).await,
+        None => serve_tracked(&shared, &config, stream, peer, false, state, hold).await,
         Some(acceptor) => {
             let handshake = acceptor.accept(stream);
-            match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
-                Ok(Ok(tls_stream)) => serve_tracked(&shared, tls_stream, peer, true, state).await,
+            match tokio::time::timeout(config.limits.header_read_timeout, handshake).await {
+                Ok(Ok(tls)) => serve_tracked(&shared, &config, tls, peer, true, state, hold).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
     }
-    gw.metrics.active_connections.decrement(1.0);
-    drop(permit);
 }
 
 /// Serves one (plain or TLS) stream with activity tracking for the idle watchdog.
 async fn serve_tracked<I>(
     shared: &Shared,
+    config: &crate::config::Config,
     io: I,
     peer: SocketAddr,
     https: bool,
     state: Arc<ConnState>,
+    hold: ConnHold,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TrackedIo {
-        inner: io,
-        state: state.clone(),
-    };
+    let io = TrackedIo::new(io, state.clone(), hold);
     let conn = Conn { peer, https, state };
     let (gw, stop) = (shared.gateway.clone(), shared.stop.clone());
-    serve_conn(gw, io, conn, &shared.builder, stop, &shared.limits).await;
+    let builder = local_builder(config);
+    serve_conn(gw, io, conn, &builder, stop, &config.limits).await;
 }
 
 async fn serve_conn<I>(
@@ -318,13 +407,7 @@ async fn serve_conn<I>(
     let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(c);
-    // The connection is idle once no byte moved and no request was open for a whole
-    // idle period, checked in quarters.
-    let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
-    let quarters_needed = u32::try_from(limits.idle_timeout.as_millis() / check.as_millis().max(1))
-        .unwrap_or(4)
-        .max(1);
-    let mut quiet_checks = 0u32;
+    let mut watch = Watchdog::new(limits);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -338,19 +421,87 @@ async fn serve_conn<I>(
                 c.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = tokio::time::sleep(check), if !closing => {
-                let active = state.active.swap(false, Ordering::Relaxed);
-                if active || state.in_flight.load(Ordering::Relaxed) > 0 {
-                    quiet_checks = 0;
-                } else {
-                    quiet_checks += 1;
-                    if quiet_checks >= quarters_needed {
-                        c.as_mut().graceful_shutdown();
-                        closing = true;
+            () = tokio::time::sleep(watch.check) => match watch.verdict(&state) {
+                Verdict::Open => {}
+                // A client that started a head and stalls gets no answer, as with hyper's own
+                // header timeout.
+                Verdict::HeadTimedOut => return,
+                Verdict::Idle if !closing => {
+                    // HTTP/1: closes at once (nothing is in flight); HTTP/2: GOAWAY.
+                    c.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                Verdict::Idle => {
+                    if watch.overdue() {
+                        return;
                     }
                 }
-            }
+            },
         }
+    }
+}
+
+/// What the watchdog decided on one check.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Open,
+    Idle,
+    HeadTimedOut,
+}
+
+/// The idle and header-read timers of one connection, advanced in coarse checks so the I/O
+/// path never reads the clock.
+struct Watchdog {
+    check: Duration,
+    idle: Duration,
+    head: Duration,
+    quiet: Duration,
+    head_wait: Duration,
+    idle_checks_after_close: u32,
+}
+
+impl Watchdog {
+    fn new(limits: &Limits) -> Watchdog {
+        let check = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
+            .max(Duration::from_millis(50));
+        Watchdog {
+            check,
+            idle: limits.idle_timeout,
+            head: limits.header_read_timeout,
+            quiet: Duration::ZERO,
+            head_wait: Duration::ZERO,
+            idle_checks_after_close: 0,
+        }
+    }
+
+    fn verdict(&mut self, state: &ConnState) -> Verdict {
+        let active = state.active.swap(false, Ordering::Relaxed);
+        let busy = state.in_flight.load(Ordering::Relaxed) > 0;
+        if !busy && state.head_pending.load(Ordering::Relaxed) {
+            // Checks start anywhere within a period: one extra makes the timer never short.
+            self.head_wait += self.check;
+            if self.head_wait > self.head {
+                return Verdict::HeadTimedOut;
+            }
+        } else {
+            self.head_wait = Duration::ZERO;
+        }
+        if active || busy {
+            self.quiet = Duration::ZERO;
+            return Verdict::Open;
+        }
+        self.quiet += self.check;
+        if self.quiet > self.idle {
+            Verdict::Idle
+        } else {
+            Verdict::Open
+        }
+    }
+
+    /// After a graceful close was asked for, a few more idle checks end the connection hard.
+    fn overdue(&mut self) -> bool {
+        self.idle_checks_after_close += 1;
+        self.idle_checks_after_close > 4
     }
 }
 
@@ -380,6 +531,83 @@ fn outcome_of(err: &GatewayError) -> AuthOutcome {
     }
 }
 
+/// A request between its head and its response: if the client goes away first, dropping this
+/// still logs and counts the request, as 499 (nginx's "client closed request").
+struct Pending {
+    gateway: Arc<Gateway>,
+    snapshot: Arc<Snapshot>,
+    conn: Arc<ConnState>,
+    peer: SocketAddr,
+    start: Instant,
+    arrived: SystemTime,
+    request_id: HeaderValue,
+    method: Method,
+    uri: Uri,
+    trace: Trace,
+    answered: bool,
+}
+
+/// Status logged for a request whose client closed the connection before the response.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Pending {
+    fn stats(&self) -> &crate::metrics::RouteStats {
+        self.trace
+            .route
+            .and_then(|i| self.snapshot.route_stats.get(i))
+            .unwrap_or(&self.gateway.metrics.unrouted)
+    }
+
+    /// Counts the request and builds its log line; the caller completes duration and bytes.
+    fn record(&mut self, status: u16, upstream_status: Option<u16>) -> Entry {
+        let outcome = self.trace.outcome.unwrap_or(AuthOutcome::NotChecked);
+        self.gateway
+            .metrics
+            .count_request(self.stats(), status, outcome);
+        let route = self
+            .trace
+            .route
+            .and_then(|i| self.snapshot.config.routes.get(i))
+            .map(|r| r.name.clone());
+        Entry {
+            time: self.arrived,
+            request_id: self.request_id.clone(),
+            client: self.peer,
+            method: std::mem::replace(&mut self.method, Method::GET),
+            uri: std::mem::take(&mut self.uri),
+            route,
+            status,
+            duration: 0.0,
+            bytes: 0,
+            key_id: self.trace.key_id.take(),
+            service_account: self.trace.service_account.take(),
+            auth: outcome,
+            upstream_status,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut entry = self.record(CLIENT_CLOSED, None);
+        let secs = self.start.elapsed().as_secs_f64();
+        self.stats().duration.record(secs);
+        entry.duration = secs;
+        self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.conn.touch();
+        if !self
+            .gateway
+            .access_log
+            .send(entry, self.snapshot.config.log_format)
+        {
+            self.gateway.metrics.access_log_dropped.increment(1);
+        }
+    }
+}
+
 /// Handles one request; never fails, every error becomes a response.
 async fn handle(
     gateway: Arc<Gateway>,
@@ -389,26 +617,36 @@ async fn handle(
     let start = Instant::now();
     let arrived = SystemTime::now();
     conn.state.in_flight.fetch_add(1, Ordering::Relaxed);
+    conn.state.head_pending.store(false, Ordering::Relaxed);
+    conn.state.touch();
     let snapshot = gateway.snapshot.load_full();
     let grpc = error::is_grpc(req.headers());
     let request_id = headers::ensure_request_id(req.headers_mut());
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let mut trace = Trace::default();
-    let result = pipeline(&snapshot, &gateway.metrics, &conn, req, &mut trace).await;
-    let stats = trace
-        .route
-        .and_then(|i| snapshot.route_stats.get(i))
-        .unwrap_or(&gateway.metrics.unrouted);
+    let mut pending = Pending {
+        gateway,
+        snapshot,
+        conn: conn.state.clone(),
+        peer: conn.peer,
+        start,
+        arrived,
+        request_id,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        trace: Trace::default(),
+        answered: false,
+    };
+    let p = &mut pending;
+    let result = pipeline(&p.snapshot, &p.gateway, &conn, req, &mut p.trace).await;
     let (mut resp, upstream_status) = match result {
         Ok(r) => {
             let status = r.status().as_u16();
             (r.map(Either::Left), Some(status))
         }
         Err(e) => {
-            if trace.outcome.is_none() {
-                trace.outcome = Some(outcome_of(&e));
+            if pending.trace.outcome.is_none() {
+                pending.trace.outcome = Some(outcome_of(&e));
             }
+            let stats = pending.stats();
             match &e {
                 GatewayError::Forward(ForwardError::Unavailable) => {
                     stats.upstream_unavailable.increment(1)
@@ -416,42 +654,24 @@ async fn handle(
                 GatewayError::Forward(ForwardError::Timeout) => stats.upstream_timeout.increment(1),
                 _ => {}
             }
+            let config = &pending.snapshot.config;
             (
-                error::response(&e, &snapshot.config.www_authenticate, grpc).map(Either::Right),
+                error::response(&e, &config.www_authenticate, grpc).map(Either::Right),
                 None,
             )
         }
     };
     resp.headers_mut()
-        .insert(&headers::X_REQUEST_ID, request_id.clone());
-    let outcome = trace.outcome.unwrap_or(AuthOutcome::NotChecked);
-    let status = resp.status().as_u16();
-    gateway.metrics.count_request(stats, status, outcome);
-    let route = trace
-        .route
-        .and_then(|i| snapshot.config.routes.get(i))
-        .map(|r| r.name.clone());
+        .insert(&headers::X_REQUEST_ID, pending.request_id.clone());
+    let entry = pending.record(resp.status().as_u16(), upstream_status);
+    pending.answered = true;
     let finish = Box::new(Finish {
-        entry: Entry {
-            time: arrived,
-            request_id,
-            client: conn.peer,
-            method,
-            uri,
-            route,
-            status,
-            duration: 0.0,
-            bytes: 0,
-            key_id: trace.key_id,
-            service_account: trace.service_account,
-            auth: outcome,
-            upstream_status,
-        },
+        entry,
         start,
-        duration: stats.duration.clone(),
-        log: gateway.access_log.clone(),
-        format: snapshot.config.log_format,
-        dropped: gateway.metrics.access_log_dropped.clone(),
+        duration: pending.stats().duration.clone(),
+        log: pending.gateway.access_log.clone(),
+        format: pending.snapshot.config.log_format,
+        dropped: pending.gateway.metrics.access_log_dropped.clone(),
         conn: conn.state.clone(),
     });
     Ok(resp.map(|b| ObservedBody::new(b, finish)))
@@ -471,12 +691,13 @@ fn header_bytes(req: &Request<Incoming>) -> u64 {
 
 async fn pipeline(
     snapshot: &Snapshot,
-    metrics: &Metrics,
+    gateway: &Gateway,
     conn: &Conn,
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Result<Response<Incoming>, GatewayError> {
     let config = &snapshot.config;
+    let metrics = &gateway.metrics;
     if header_bytes(&req) > config.limits.max_header_bytes {
         return Err(GatewayError::HeadersTooLarge);
     }
@@ -484,6 +705,11 @@ async fn pipeline(
         return Err(GatewayError::BadRequest("CONNECT is not supported"));
     }
     let h = req.headers();
+    if !headers::transfer_coding_ok(h) {
+        return Err(GatewayError::BadRequest(
+            "Transfer-Encoding must be a single, final chunked",
+        ));
+    }
     let mut hosts = h.get_all(HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
@@ -517,14 +743,14 @@ async fn pipeline(
     let normalized = path::normalize(uri.path())?;
     let route = config
         .routes
-        .find(host_name, req.method(), &normalized)
+        .find(host_name, req.method(), &path::route_key(&normalized))
         .ok_or(GatewayError::NoRoute)?;
     trace.route = Some(route.index);
     let permit = auth::authorize(
         route,
         &snapshot.keys,
         auth::credential(req.headers()),
-        now_secs(),
+        auth::now_secs(),
     )?;
     match permit.key {
         Some(key) => {
@@ -546,6 +772,7 @@ async fn pipeline(
         host,
         client: conn.peer.ip(),
         https: conn.https,
+        snapshots: &gateway.snapshot,
     };
     let forwarder = crate::forward::local(snapshot);
     Ok(forwarder

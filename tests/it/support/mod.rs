@@ -29,6 +29,7 @@ pub struct Seen {
     pub headers: http::HeaderMap,
     pub body_len: usize,
     pub body_sha256: String,
+    pub trailers: Option<http::HeaderMap>,
 }
 
 /// A real HTTP server on 127.0.0.1:0 that records requests and answers per `x-upstream-mode`:
@@ -139,10 +140,14 @@ async fn answer(
     let mut hasher = Sha256::new();
     let mut len = 0usize;
     let mut body = body;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            len += data.len();
-            hasher.update(&data);
+        match frame?.into_data() {
+            Ok(data) => {
+                len += data.len();
+                hasher.update(&data);
+            }
+            Err(f) => trailers = f.into_trailers().ok(),
         }
     }
     let sha = hex::encode(hasher.finalize());
@@ -153,6 +158,7 @@ async fn answer(
         headers: parts.headers.clone(),
         body_len: len,
         body_sha256: sha.clone(),
+        trailers,
     });
     match mode.as_str() {
         "big" => {
@@ -166,6 +172,20 @@ async fn answer(
             return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
         }
         "sleep" => tokio::time::sleep(Duration::from_secs(3)).await,
+        "trailers" => {
+            // A chunked body with a declared trailer field.
+            let mut t = http::HeaderMap::new();
+            t.insert("x-upstream-trailer", "done".parse().unwrap());
+            let frames = vec![
+                Ok(Frame::data(Bytes::from_static(b"body"))),
+                Ok(Frame::trailers(t)),
+            ];
+            let mut resp =
+                Response::new(BodyExt::boxed(StreamBody::new(futures_util_stream(frames))));
+            resp.headers_mut()
+                .insert("trailer", "x-upstream-trailer".parse().unwrap());
+            return Ok(resp);
+        }
         "sse" => {
             // Three events 700 ms apart: a buffering proxy would hold the first one back.
             let (tx, rx) =
@@ -545,4 +565,24 @@ pub async fn raw_statuses(addr: SocketAddr, request: &[u8]) -> Vec<u16> {
         .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n'))
         .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
         .collect()
+}
+
+/// True when an external test peer (a command, or `python3 -c` import) is installed.
+///
+/// Locally a missing peer skips the test loudly; under CI (`CI` set) it fails, since `.ci/run`
+/// installs every peer.
+pub fn peer_available(what: &str, probe: &mut std::process::Command) -> bool {
+    let ok = probe
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} is required under CI (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: {what} is not installed here");
+    }
+    ok
 }
