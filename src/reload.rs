@@ -18,6 +18,9 @@ use crate::keys::{self, KeyStore};
 use crate::metrics::{Metrics, RouteStats};
 use crate::tls::CertResolver;
 
+mod settle;
+use settle::{settle, Look, Settled};
+
 /// Everything one request needs, immutable; requests keep the one they started with.
 pub struct Snapshot {
     /// Routes and settings.
@@ -69,9 +72,18 @@ fn config_parts(
 /// Hash of the TLS certificate and key files together.
 fn tls_fingerprint(config: &Config) -> [u8; 32] {
     let Some(t) = &config.tls else { return [0; 32] };
+    tls_hash(&(
+        Look::take(&t.cert, "certificate"),
+        Look::take(&t.key, "certificate key"),
+    ))
+}
+
+fn tls_hash((cert, key): &(Look, Look)) -> [u8; 32] {
     let mut h = Sha256::new();
-    for p in [&t.cert, &t.key] {
-        h.update(std::fs::read(p).unwrap_or_default());
+    for l in [cert, key] {
+        if let Ok((bytes, _)) = &l.content {
+            h.update(bytes);
+        }
         h.update([0xff]);
     }
     h.finalize().into()
@@ -96,29 +108,13 @@ pub struct ReloadStats {
 
 /// How often files are re-hashed even without a change notification.
 pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
-/// Quiet time after an event before reading, so a burst of writes reads once.
+/// Quiet time after an event before reading, so a burst of events reads once.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long a file may keep changing before the wait for it is logged.
+const STILL_CHANGING: Duration = Duration::from_secs(10);
 
 fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Problems(vec![Problem::whole(
-            path,
-            format!("cannot read {what}: {e}"),
-        )])
-    })?;
-    if meta.is_dir() {
-        return Err(Problems(vec![Problem::whole(
-            path,
-            format!("cannot read {what}: it is a directory"),
-        )]));
-    }
-    let bytes = std::fs::read(path).map_err(|e| {
-        Problems(vec![Problem::whole(
-            path,
-            format!("cannot read {what}: {e}"),
-        )])
-    })?;
-    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    let (bytes, hash) = Look::take(path, what).content?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Problems(vec![Problem::whole(path, format!("{what} is not UTF-8"))]))?;
     Ok((text, hash))
@@ -151,107 +147,204 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
     ))
 }
 
-/// One reload pass: re-reads whatever changed and swaps if it is valid.
-pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) {
-    let (current, config_path, stats) = (&r.current, r.config_path.as_path(), &r.stats);
-    let old = current.load_full();
-    let mut config = old.config.clone();
-    let mut parts = (old.forwarder.clone(), old.route_stats.clone());
+/// One reload pass: re-reads whatever changed and swaps if it is valid. A file is taken only
+/// once it has stayed identical for [`settle::QUIET`]; returns false when something was still
+/// changing, and the caller runs another pass.
+pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) -> bool {
+    let old = r.current.load_full();
+    let mut settled = true;
     let mut changed = false;
-
-    match read(config_path, "config") {
-        Ok((text, hash)) if hash != fp.config => match Config::parse(config_path, &text)
-            .and_then(|c| config_parts(&c, &r.metrics).map(|p| (c, p)))
-        {
-            Ok((new, new_parts)) => {
-                if new.tls.is_some() != config.tls.is_some() {
-                    tracing::warn!("turning TLS on or off takes effect only after a restart");
-                }
-                if new.listen != config.listen {
-                    tracing::warn!(
-                        old = %config.listen, new = %new.listen,
-                        "listen address changed; the new address takes effect only after a restart"
-                    );
-                }
-                tracing::info!(file = %config_path.display(), routes = new.routes.len(), "config reloaded");
-                fp.config = hash;
-                config = Arc::new(new);
-                parts = new_parts;
-                changed = true;
-                stats.config_ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(problems) => {
-                fp.config = hash;
-                log_rejected(&problems);
-                stats.config_err.fetch_add(1, Ordering::Relaxed);
-            }
-        },
-        Ok(_) => {}
-        Err(problems) => {
-            // Remember nothing: the same file coming back must be re-read.
-            fp.config = [0; 32];
-            log_rejected(&problems);
-            stats.config_err.fetch_add(1, Ordering::Relaxed);
+    let (config, parts) = match reload_config(r, fp, &old.config) {
+        Settled::Ready(new) => {
+            changed = true;
+            (new.0, new.1)
         }
-    }
-
-    let mut keys = old.keys.clone();
-    match read(&config.keys_file, "key file") {
-        Ok((text, hash)) if hash != fp.keys || config.keys_file != fp.keys_path => {
-            match keys::parse_key_file(&config.keys_file, &text) {
-                Ok(records) => {
-                    keys = Arc::new(KeyStore::build(&records, Some(&old.keys)));
-                    tracing::info!(file = %config.keys_file.display(), keys = keys.len(), "key file reloaded");
-                    fp.keys = hash;
-                    fp.keys_path = config.keys_file.clone();
-                    changed = true;
-                    stats.keys_ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(problems) => {
-                    fp.keys = hash;
-                    log_rejected(&problems);
-                    stats.keys_err.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        other => {
+            settled &= !matches!(other, Settled::Changing);
+            (
+                old.config.clone(),
+                (old.forwarder.clone(), old.route_stats.clone()),
+            )
         }
-        Ok(_) => {}
-        Err(problems) => {
-            fp.keys = [0; 32];
-            log_rejected(&problems);
-            stats.keys_err.fetch_add(1, Ordering::Relaxed);
+    };
+    let keys = match reload_keys(r, fp, &config, &old.keys) {
+        Settled::Ready(k) => {
+            changed = true;
+            k
         }
-    }
-
-    if let Some(resolver) = &r.tls {
-        let hash = tls_fingerprint(&config);
-        if hash != fp.tls {
-            fp.tls = hash;
-            if let Some(files) = &config.tls {
-                match crate::tls::load_pair(&files.cert, &files.key) {
-                    Ok(pair) => {
-                        resolver.swap(pair);
-                        tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
-                        stats.tls_ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // Two separate writes (cert, then key) pass through a mismatched
-                        // state: it is refused, and the matching pair is taken once complete.
-                        tracing::error!("{e} (rejected; the current certificate keeps serving)");
-                        stats.tls_err.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+        other => {
+            settled &= !matches!(other, Settled::Changing);
+            old.keys.clone()
         }
-    }
-
+    };
+    settled &= reload_tls(r, fp, &config);
     if changed {
-        current.store(Arc::new(Snapshot {
+        r.current.store(Arc::new(Snapshot {
             config,
             keys,
             forwarder: parts.0,
             route_stats: parts.1,
         }));
     }
+    settled
+}
+
+type ConfigParts = (Arc<Config>, (Arc<Forwarder>, Arc<Vec<RouteStats>>));
+
+/// The config file, once settled and valid; `Unchanged` also covers a rejected file.
+fn reload_config(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> Settled<ConfigParts> {
+    let (path, stats) = (r.config_path.as_path(), &r.stats);
+    let look = match settle(
+        || Look::take(path, "config"),
+        |l| l.hash() == Some(fp.config),
+        settle::QUIET,
+    ) {
+        Settled::Ready(look) => look,
+        Settled::Unchanged => return Settled::Unchanged,
+        Settled::Changing => return Settled::Changing,
+    };
+    let parsed = look
+        .content
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|(bytes, _)| {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| Problems(vec![Problem::whole(path, "config is not UTF-8")]))?;
+            Config::parse(path, text).and_then(|c| config_parts(&c, &r.metrics).map(|p| (c, p)))
+        });
+    if !look.unmoved(path) {
+        return Settled::Changing;
+    }
+    // A failed read remembers nothing, so the same file coming back is re-read.
+    fp.config = look.hash().unwrap_or_default();
+    match parsed {
+        Ok((new, parts)) => {
+            warn_restart_only(config, &new);
+            tracing::info!(file = %path.display(), routes = new.routes.len(), "config reloaded");
+            stats.config_ok.fetch_add(1, Ordering::Relaxed);
+            Settled::Ready((Arc::new(new), parts))
+        }
+        Err(problems) => {
+            log_rejected(&problems);
+            stats.config_err.fetch_add(1, Ordering::Relaxed);
+            Settled::Unchanged
+        }
+    }
+}
+
+/// Settings read only at startup: a change is named so nobody waits for it to apply.
+fn warn_restart_only(old: &Config, new: &Config) {
+    if new.tls.is_some() != old.tls.is_some() {
+        tracing::warn!("turning TLS on or off takes effect only after a restart");
+    }
+    if new.listen != old.listen {
+        tracing::warn!(
+            old = %old.listen, new = %new.listen,
+            "listen address changed; the new address takes effect only after a restart"
+        );
+    }
+    if new.limits.max_connections != old.limits.max_connections {
+        tracing::warn!(
+            setting = "limits.max_connections",
+            old = old.limits.max_connections,
+            new = new.limits.max_connections,
+            "limits.max_connections changed; the new value takes effect only after a restart"
+        );
+    }
+    if new.admin_listen != old.admin_listen {
+        let show =
+            |a: Option<std::net::SocketAddr>| a.map_or("none".to_string(), |a| a.to_string());
+        tracing::warn!(
+            setting = "admin_listen",
+            old = %show(old.admin_listen),
+            new = %show(new.admin_listen),
+            "admin_listen changed; the new address takes effect only after a restart"
+        );
+    }
+}
+
+/// The key file named by `config`, once settled and valid.
+fn reload_keys(
+    r: &Reloader,
+    fp: &mut Fingerprints,
+    config: &Config,
+    old: &Arc<KeyStore>,
+) -> Settled<Arc<KeyStore>> {
+    let (path, stats) = (config.keys_file.as_path(), &r.stats);
+    let same_file = *path == fp.keys_path;
+    let look = match settle(
+        || Look::take(path, "key file"),
+        |l| same_file && l.hash() == Some(fp.keys),
+        settle::QUIET,
+    ) {
+        Settled::Ready(look) => look,
+        Settled::Unchanged => return Settled::Unchanged,
+        Settled::Changing => return Settled::Changing,
+    };
+    let parsed = look
+        .content
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|(bytes, _)| {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| Problems(vec![Problem::whole(path, "key file is not UTF-8")]))?;
+            keys::parse_key_file(path, text)
+        });
+    if !look.unmoved(path) {
+        return Settled::Changing;
+    }
+    fp.keys = look.hash().unwrap_or_default();
+    match parsed {
+        Ok(records) => {
+            let keys = Arc::new(KeyStore::build(&records, Some(old)));
+            tracing::info!(file = %path.display(), keys = keys.len(), "key file reloaded");
+            fp.keys_path = path.to_path_buf();
+            stats.keys_ok.fetch_add(1, Ordering::Relaxed);
+            Settled::Ready(keys)
+        }
+        Err(problems) => {
+            log_rejected(&problems);
+            stats.keys_err.fetch_add(1, Ordering::Relaxed);
+            Settled::Unchanged
+        }
+    }
+}
+
+/// The listener's certificate and key, once both files have settled; false while changing.
+fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> bool {
+    let (Some(resolver), Some(files)) = (&r.tls, &config.tls) else {
+        return true;
+    };
+    let look = || {
+        (
+            Look::take(&files.cert, "certificate"),
+            Look::take(&files.key, "certificate key"),
+        )
+    };
+    let (cert, key) = match settle(look, |l| tls_hash(l) == fp.tls, settle::QUIET) {
+        Settled::Ready(l) => l,
+        Settled::Unchanged => return true,
+        Settled::Changing => return false,
+    };
+    let loaded = crate::tls::load_pair(&files.cert, &files.key);
+    if !cert.unmoved(&files.cert) || !key.unmoved(&files.key) {
+        return false;
+    }
+    fp.tls = tls_hash(&(cert, key));
+    match loaded {
+        Ok(pair) => {
+            resolver.swap(pair);
+            tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            r.stats.tls_ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            // Two separate writes (cert, then key) may settle in a mismatched state: it is
+            // refused, and the matching pair is taken once complete.
+            tracing::error!("{e} (rejected; the current certificate keeps serving)");
+            r.stats.tls_err.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    true
 }
 
 /// Hashes are not secrets, but they let anyone who reads them test guesses offline.
@@ -365,16 +458,36 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
             _ = recheck.tick() => {}
         }
         tokio::time::sleep(DEBOUNCE).await;
-        while rx.try_recv().is_ok() {}
-        let (r, mut f) = (reloader.clone(), fp.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            reload_once(&r, &mut f);
-            f
-        })
-        .await;
-        if let Ok(f) = done {
-            fp = f;
+        // Pass after pass while a file keeps changing: each pass spends one quiet period, so
+        // a long rewrite is taken as soon as it stops and dropping this task is never blocked.
+        let started = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            while rx.try_recv().is_ok() {}
+            let (r, mut f) = (reloader.clone(), fp.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                let settled = reload_once(&r, &mut f);
+                (f, settled)
+            })
+            .await;
+            rewatch(&mut watcher, &current.load());
+            match done {
+                Ok((f, settled)) => {
+                    fp = f;
+                    if settled {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+            if !told && started.elapsed() >= STILL_CHANGING {
+                told = true;
+                tracing::warn!(
+                    waited = ?started.elapsed(),
+                    "a watched file keeps changing; it is applied once it stays unchanged for {:?}",
+                    settle::QUIET
+                );
+            }
         }
-        rewatch(&mut watcher, &current.load());
     }
 }

@@ -1,6 +1,6 @@
 //! `keygate keys ...` end to end over the real binary and a running gateway.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -32,6 +32,11 @@ fn setup(up: &Upstream, extra: &str) -> (tempfile::TempDir, std::path::PathBuf, 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     write(&dir.path().join("keys.yaml"), "keys: []\n");
+    std::fs::set_permissions(
+        dir.path().join("keys.yaml"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     write(
         &dir.path().join("keygate.yaml"),
         &format!(
@@ -88,7 +93,7 @@ async fn lifecycle_through_a_running_gateway() {
         .unwrap()
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(mode & 0o777, 0o640, "a rewrite must keep the file's mode");
 
     let auth = format!("Authorization: Api-Key {key}");
     let call = |a: String| async move { get(addr, "/api/x", &[&a]).await };
@@ -189,6 +194,8 @@ fn twenty_parallel_creates_leave_twenty_entries() {
     }
     let records = keygate::keys::load_key_file(&kf).unwrap();
     assert_eq!(records.len(), 20);
+    let mode = std::fs::metadata(&kf).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a new key file must be private");
     for s in &secrets {
         assert!(records
             .iter()
@@ -320,4 +327,134 @@ fn bad_inputs_give_one_line_and_nonzero_exit() {
         );
     }
     let _ = Duration::from_secs(0);
+}
+
+fn keys_at(keys_file: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("keys")
+        .args(args)
+        .arg("--keys-file")
+        .arg(keys_file)
+        .output()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+const CREATE: [&str; 5] = ["create", "--service-account", "sa", "--scope", "a.b"];
+
+#[test]
+fn rewrite_keeps_owner_group_and_mode() {
+    if !is_root() {
+        eprintln!("skipped: needs root to hand the file to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("keys.yaml");
+    write(&kf, "keys: []\n");
+    std::os::unix::fs::chown(&kf, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let created: serde_json::Value = serde_json::from_str(&ok(&keys_at(
+        &kf,
+        &[&CREATE[..], &["--output", "json"]].concat(),
+    )))
+    .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let check = |step: &str| {
+        let m = std::fs::metadata(&kf).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            (65534, 65534, 0o640),
+            "after {step}"
+        );
+    };
+    check("create");
+    ok(&keys_at(&kf, &["revoke", &id]));
+    check("revoke");
+    let records = keygate::keys::load_key_file(&kf).unwrap();
+    assert!(records[0].revoked_at.is_some());
+}
+
+#[test]
+fn symlinked_key_file_is_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let (real, conf) = (dir.path().join("real"), dir.path().join("conf"));
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&conf).unwrap();
+    write(&real.join("keys.yaml"), "keys: []\n");
+    std::os::unix::fs::symlink("../real/keys.yaml", conf.join("keys.yaml")).unwrap();
+    for _ in 0..2 {
+        ok(&keys_at(&conf.join("keys.yaml"), &CREATE));
+    }
+    let link = std::fs::symlink_metadata(conf.join("keys.yaml")).unwrap();
+    assert!(link.file_type().is_symlink(), "the symlink was replaced");
+    assert_eq!(
+        keygate::keys::load_key_file(&real.join("keys.yaml"))
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        real.join("keys.yaml.lock").exists(),
+        "lock not beside the target"
+    );
+    let names = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&conf), vec!["keys.yaml".to_string()]);
+    assert!(!names(&real).iter().any(|n| n.ends_with(".tmp")));
+}
+
+#[test]
+fn rewrite_that_would_lock_the_owner_out_fails() {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if !is_root() || !setpriv.exists() {
+        eprintln!("skipped: needs root and setpriv to run the CLI as another user");
+        return;
+    }
+    // uid 1234 owns the file; nobody may read and write it only through group 1234, so its
+    // rewrite cannot be handed back to uid 1234, who could then no longer read it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let kf = dir.path().join("keys.yaml");
+    write(&kf, "keys: []\n");
+    std::os::unix::fs::chown(&kf, Some(1234), Some(1234)).unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let out = Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--groups=1234",
+            "--",
+            bin(),
+            "keys",
+        ])
+        .args(CREATE)
+        .arg("--keys-file")
+        .arg(&kf)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+    let m = std::fs::metadata(&kf).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (1234, 1234, 0o660));
+    assert_eq!(std::fs::read_to_string(&kf).unwrap(), "keys: []\n");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
 }

@@ -193,3 +193,190 @@ async fn hundred_thousand_keys_load() {
     assert_eq!(up.last().headers.get("x-api-key-id").unwrap(), "bulk4242");
     gw.stop().await;
 }
+
+/// A 3,000-key file: bulk keys, `revoked` late in the file, `last` at the very end, and
+/// `fresh` first when given.
+fn big_key_file(revoked: &TestKey, last: &TestKey, fresh: Option<&TestKey>) -> String {
+    let mut text = String::with_capacity(3_000 * 200);
+    text.push_str("keys:\n");
+    if let Some(f) = fresh {
+        text.push_str(&f.entry());
+    }
+    for i in 0..2_998 {
+        if i == 2_990 {
+            text.push_str(&revoked.entry());
+        }
+        let hash = keygate::keys::hash_line(format!("bulk-key-{i}").as_bytes());
+        text.push_str(&format!(
+            "  - id: bulk{i}\n    hash: {hash}\n    service_account: sa-bulk\n    scopes: []\n    created_at: 2026-01-01T00:00:00Z\n"
+        ));
+    }
+    text.push_str(&last.entry());
+    text
+}
+
+#[tokio::test]
+async fn file_rewritten_in_place_in_pieces_is_taken_only_once_complete() {
+    use std::io::Write;
+    let revoked = TestKey::new("revoked", "sa", &[]).with("    revoked_at: 2026-01-02T00:00:00Z\n");
+    let last = TestKey::new("last", "sa", &[]);
+    let fresh = TestKey::new("fresh", "sa", &[]);
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("keys.yaml"),
+        &big_key_file(&revoked, &last, None),
+    );
+    write(
+        &dir.path().join("keygate.yaml"),
+        &format!(
+            "keys_file: keys.yaml\nroutes:\n{}",
+            route("api", "/api/", &up.url(), "")
+        ),
+    );
+    let gw = Gateway::start_in(dir).await;
+    assert_eq!(status(&gw, "/api/x", &last).await, 200);
+    assert_eq!(status(&gw, "/api/x", &fresh).await, 401);
+
+    // What `cat > keys.yaml` and config tools do: truncate, then write in pieces over ~4 s.
+    let text = big_key_file(&revoked, &last, Some(&fresh)).into_bytes();
+    let pieces = text.len().div_ceil(2048);
+    let pause = Duration::from_millis(4_000 / pieces as u64);
+    let path = gw.path("keys.yaml");
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        for piece in text.chunks(2048) {
+            f.write_all(piece).unwrap();
+            std::thread::sleep(pause);
+        }
+    });
+
+    let started = Instant::now();
+    let mut rounds = 0;
+    // Through the write and one quiet period past it, bounded in count and time.
+    let mut finished_at = None;
+    while rounds < 5_000 && started.elapsed() < Duration::from_secs(20) {
+        let r = get(
+            gw.addr,
+            "/api/x",
+            &[&format!("Authorization: {}", last.auth())],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            200,
+            "valid key refused in round {rounds} after {:?}",
+            started.elapsed()
+        );
+        let r = get(
+            gw.addr,
+            "/api/x",
+            &[&format!("Authorization: {}", revoked.auth())],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            401,
+            "revoked key allowed in round {rounds} after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.code(), "revoked_api_key", "round {rounds}");
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        match finished_at {
+            None if writer.is_finished() => finished_at = Some(Instant::now()),
+            Some(t) if t.elapsed() > Duration::from_millis(1_000) => break,
+            _ => {}
+        }
+    }
+    assert!(
+        writer.is_finished(),
+        "the writer did not finish within 20 s"
+    );
+    writer.await.unwrap();
+    assert!(rounds >= 20, "only {rounds} rounds ran during the rewrite");
+    assert!(
+        eventually(5, || async { status(&gw, "/api/x", &fresh).await == 200 }).await,
+        "the completed file was never applied"
+    );
+    assert_eq!(status(&gw, "/api/x", &last).await, 200);
+    assert_eq!(status(&gw, "/api/x", &revoked).await, 401);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn restart_only_settings_are_named_when_changed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::cli::free_port();
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    let config = |extra: &str| {
+        format!(
+            "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\n{extra}routes:\n{}",
+            route("api", "/api/", &up.url(), "")
+        )
+    };
+    let cfg = dir.path().join("keygate.yaml");
+    write(&cfg, &config("limits:\n  max_connections: 100\n"));
+    let mut child = crate::cli::Proc(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    crate::cli::wait_listening(addr).await;
+    // The port is bound before the first load; requests are answered only after it.
+    assert!(
+        eventually(20, || async {
+            get(addr, "/__keygate_ready", &[]).await.status > 0
+        })
+        .await
+    );
+    let admin = crate::cli::free_port();
+    let changed = config(&format!(
+        "admin_listen: 127.0.0.1:{admin}\nlimits:\n  max_connections: 200\n"
+    ));
+    let mut pending = vec!["limits.max_connections", "admin_listen"];
+    let mut seen = Vec::new();
+    // The watcher may start just after serving does: rewrite (new bytes each time) until the
+    // reload is seen, bounded.
+    for attempt in 0..10 {
+        write(&cfg, &format!("# attempt {attempt}\n{changed}"));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pending.is_empty() && Instant::now() < deadline {
+            let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            pending.retain(|s| !(line.contains(&format!("\"{s}\"")) && line.contains("restart")));
+            seen.push(line);
+        }
+        if pending.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        pending.is_empty(),
+        "no restart warning for {pending:?}; stderr: {seen:#?}"
+    );
+    child.term();
+}
