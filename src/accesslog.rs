@@ -36,6 +36,20 @@ pub struct Entry {
     pub method: Method,
     /// Target as received; only its path is logged (queries can carry secrets).
     pub uri: Uri,
+    /// The normalized path routing used, when it differs from the raw one.
+    pub normalized: Option<Box<str>>,
+    /// `Host` (or the absolute-form authority) the client sent.
+    pub host: Option<HeaderValue>,
+    /// `User-Agent` the client sent.
+    pub user_agent: Option<HeaderValue>,
+    /// The route's upstream, when the request was forwarded.
+    pub upstream: Option<http::uri::Authority>,
+    /// Milliseconds from sending upstream to the upstream's response head.
+    pub upstream_ms: Option<f64>,
+    /// Why the upstream exchange failed (`refused`, `reset`, `timeout`, `tls`, ...).
+    pub error: Option<&'static str>,
+    /// gRPC status: ours, the upstream's trailer, or 1 (CANCELLED) for a client that left.
+    pub grpc_status: Option<u16>,
     /// Route name, if one matched.
     pub route: Option<std::sync::Arc<str>>,
     /// Status sent.
@@ -72,6 +86,15 @@ fn json_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
+}
+
+fn json_num(out: &mut String, n: Option<impl std::fmt::Display>) {
+    match n {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push_str("null"),
+    }
 }
 
 fn json_opt(out: &mut String, s: Option<&str>) {
@@ -111,6 +134,11 @@ impl Clock {
 }
 
 impl Entry {
+    /// The path routing used: normalized, never with the query.
+    fn path(&self) -> &str {
+        self.normalized.as_deref().unwrap_or(self.uri.path())
+    }
+
     /// Appends the line (no trailing newline) to `out`.
     pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut String) {
         let ms = self.duration * 1000.0;
@@ -124,7 +152,16 @@ impl Entry {
                 let _ = write!(out, ",\"client\":\"{}\",\"method\":", self.client);
                 json_str(out, self.method.as_str());
                 out.push_str(",\"path\":");
-                json_str(out, self.uri.path());
+                json_str(out, self.path());
+                // Method "-" marks a head hyper refused: there is no raw path to show.
+                if self.normalized.is_some() && self.method.as_str() != "-" {
+                    out.push_str(",\"raw_path\":");
+                    json_str(out, self.uri.path());
+                }
+                out.push_str(",\"host\":");
+                json_opt(out, text_of(&self.host));
+                out.push_str(",\"user_agent\":");
+                json_opt(out, text_of(&self.user_agent));
                 out.push_str(",\"route\":");
                 json_opt(out, self.route.as_deref());
                 let _ = write!(
@@ -140,12 +177,16 @@ impl Entry {
                     ",\"auth\":\"{}\",\"upstream_status\":",
                     self.auth.as_str()
                 );
-                match self.upstream_status {
-                    Some(s) => {
-                        let _ = write!(out, "{s}}}");
-                    }
-                    None => out.push_str("null}"),
-                }
+                json_num(out, self.upstream_status);
+                out.push_str(",\"upstream\":");
+                json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
+                out.push_str(",\"upstream_ms\":");
+                json_num(out, self.upstream_ms.map(|ms| format!("{ms:.3}")));
+                out.push_str(",\"error\":");
+                json_opt(out, self.error);
+                out.push_str(",\"grpc_status\":");
+                json_num(out, self.grpc_status);
+                out.push('}');
             }
             LogFormat::Text => {
                 clock.write(out, self.time);
@@ -155,7 +196,7 @@ impl Entry {
                     request_id,
                     self.client,
                     self.method,
-                    self.uri.path().escape_debug(),
+                    self.path().escape_debug(),
                     self.status,
                     self.bytes,
                     ms,
@@ -169,6 +210,26 @@ impl Entry {
                         let _ = write!(out, "{s}");
                     }
                     None => out.push('-'),
+                }
+                if self.normalized.is_some() {
+                    let _ = write!(out, " raw_path={}", self.uri.path().escape_debug());
+                }
+                let _ = write!(
+                    out,
+                    " host={} ua=\"{}\" upstream_addr={} upstream_ms=",
+                    text_of(&self.host).unwrap_or("-").escape_debug(),
+                    text_of(&self.user_agent).unwrap_or("-").escape_debug(),
+                    self.upstream.as_ref().map_or("-", |a| a.as_str()),
+                );
+                match self.upstream_ms {
+                    Some(ms) => {
+                        let _ = write!(out, "{ms:.3}");
+                    }
+                    None => out.push('-'),
+                }
+                let _ = write!(out, " error={}", self.error.unwrap_or("-"));
+                if let Some(g) = self.grpc_status {
+                    let _ = write!(out, " grpc_status={g}");
                 }
             }
         }
@@ -254,7 +315,35 @@ mod tests {
             service_account: None,
             auth: AuthOutcome::Allowed,
             upstream_status: None,
+            normalized: None,
+            host: Some(HeaderValue::from_static("api.example.com")),
+            user_agent: None,
+            upstream: None,
+            upstream_ms: None,
+            error: Some("refused"),
+            grpc_status: None,
         }
+    }
+
+    #[test]
+    fn normalized_path_is_logged_with_the_raw_one_beside_it() {
+        let mut e = entry();
+        e.normalized = Some("/postbox/x".into());
+        e.uri = "/health/../postbox/x?q=secret".parse().unwrap();
+        e.upstream = Some(http::uri::Authority::from_static("127.0.0.1:9001"));
+        e.upstream_ms = Some(1.5);
+        e.grpc_status = Some(14);
+        let v: serde_json::Value = serde_json::from_str(&e.format(LogFormat::Json)).unwrap();
+        assert_eq!(v["path"], "/postbox/x");
+        assert_eq!(v["raw_path"], "/health/../postbox/x");
+        assert_eq!(v["host"], "api.example.com");
+        assert_eq!(v["upstream"], "127.0.0.1:9001");
+        assert_eq!(v["upstream_ms"], 1.5);
+        assert_eq!(v["error"], "refused");
+        assert_eq!(v["grpc_status"], 14);
+        assert!(v["user_agent"].is_null());
+        let v: serde_json::Value = serde_json::from_str(&entry().format(LogFormat::Json)).unwrap();
+        assert!(v.get("raw_path").is_none());
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
     },
+    /// An echo upstream for trying keygate out: answers every request with it as JSON.
+    Echo {
+        /// Address to serve on (the shipped example's upstream).
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: std::net::SocketAddr,
+    },
     /// Check the config and its key file; lists every problem as file:line:column: message.
     Validate {
         /// Config file.
@@ -77,6 +83,9 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(crate::demo::run(listen))),
+        Command::Echo { listen } => {
+            runtime().and_then(|rt| rt.block_on(crate::demo::run_echo(listen)))
+        }
         Command::Validate { config } => return validate(&config),
         Command::Keys(args) => return crate::keyadmin::run(args),
     };

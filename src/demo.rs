@@ -17,7 +17,26 @@ use tokio::net::TcpListener;
 pub async fn echo_upstream() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    tokio::spawn(serve_echo(listener));
+    Ok(addr)
+}
+
+/// `keygate echo`: the demo's echo upstream on a fixed address, so the shipped example has
+/// something to forward to (every path and method answers 200 with the request as JSON).
+pub async fn run_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("keygate echo: answering every request on http://{listen} with it as JSON");
+    tokio::select! {
+        () = serve_echo(listener) => {}
+        () = crate::shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+async fn serve_echo(listener: TcpListener) {
+    {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -29,8 +48,7 @@ pub async fn echo_upstream() -> std::io::Result<SocketAddr> {
                     .await;
             });
         }
-    });
-    Ok(addr)
+    }
 }
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {

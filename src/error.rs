@@ -83,7 +83,7 @@ impl GatewayError {
                 ),
             },
             GatewayError::Forward(f) => match f {
-                ForwardError::Unavailable => (
+                ForwardError::Unavailable(_) => (
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
                     GrpcStatus::Unavailable,
@@ -110,6 +110,11 @@ impl GatewayError {
                 GrpcStatus::ResourceExhausted,
             ),
         }
+    }
+
+    /// The gRPC status a gRPC client is answered with.
+    pub fn grpc_code(&self) -> u8 {
+        self.classify().2 as u8
     }
 
     /// The machine-readable error code.

@@ -27,12 +27,85 @@ use crate::routes::UpstreamScheme;
 /// Deadline for an upstream's response head when the route sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What went wrong with an unavailable upstream, for the access log's `error` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection was refused.
+    Refused,
+    /// The connection could not be made in `upstream_connect_timeout`.
+    ConnectTimeout,
+    /// Name resolution or another connect failure.
+    Connect,
+    /// The TLS handshake failed (certificate, name, protocol).
+    Tls,
+    /// The connection was reset or closed before a complete response.
+    Reset,
+    /// The upstream answered something that is not HTTP, or switched protocols unasked.
+    BadResponse,
+}
+
+impl Failure {
+    /// The log spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::ConnectTimeout => "connect_timeout",
+            Failure::Connect => "connect",
+            Failure::Tls => "tls",
+            Failure::Reset => "reset",
+            Failure::BadResponse => "bad_response",
+        }
+    }
+
+    /// Classifies a client error by walking its source chain.
+    fn of(err: &(dyn std::error::Error + 'static)) -> Failure {
+        let mut connect = false;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+                connect |= c.is_connect();
+            }
+            if e.downcast_ref::<rustls::Error>().is_some() {
+                return Failure::Tls;
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return Failure::Refused,
+                    std::io::ErrorKind::TimedOut if connect => return Failure::ConnectTimeout,
+                    std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof => return Failure::Reset,
+                    _ if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+                        return Failure::Tls
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_parse() || h.is_parse_status() {
+                    return Failure::BadResponse;
+                }
+                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                    return Failure::Reset;
+                }
+            }
+            cur = e.source();
+        }
+        if connect {
+            Failure::Connect
+        } else {
+            Failure::Reset
+        }
+    }
+}
+
 /// Why an upstream exchange failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ForwardError {
     /// Refused, reset, unreachable, or answered with garbage.
     #[error("the upstream service is unavailable")]
-    Unavailable,
+    Unavailable(Failure),
     /// No response within the route's timeout.
     #[error("the upstream service did not answer in time")]
     Timeout,
@@ -185,6 +258,8 @@ pub struct Downstream<'a> {
     pub client: IpAddr,
     /// Whether the client connection was TLS.
     pub https: bool,
+    /// The client's protocol version, which the response keeps whatever the upstream spoke.
+    pub version: Version,
     /// The live snapshots, so an upgraded connection can end with its key.
     pub snapshots: &'a Arc<arc_swap::ArcSwap<crate::reload::Snapshot>>,
 }
@@ -369,7 +444,7 @@ impl Forwarder {
                     }
                 }
                 tracing::debug!(route = %route.name, error = %e, "upstream request failed");
-                return Err(ForwardError::Unavailable);
+                return Err(ForwardError::Unavailable(Failure::of(&e)));
             }
             Ok(Ok(resp)) => resp,
         };
@@ -382,7 +457,7 @@ impl Forwarder {
                 // A switch nobody asked for (or to another protocol) would be a tunnel past
                 // every check; the client gets a 502 instead.
                 tracing::debug!(route = %route.name, "upstream switched protocols unasked");
-                return Err(ForwardError::Unavailable);
+                return Err(ForwardError::Unavailable(Failure::BadResponse));
             };
             headers::strip_hop_by_hop(resp.headers_mut(), false);
             resp.headers_mut()
@@ -400,6 +475,8 @@ impl Forwarder {
             return Ok(resp);
         }
         headers::strip_hop_by_hop(resp.headers_mut(), false);
+        // An HTTP/1.0 upstream must not make an HTTP/1.1 client see an HTTP/1.0 status line.
+        *resp.version_mut() = down.version;
         Ok(resp)
     }
 }
@@ -519,5 +596,5 @@ fn upstream_uri(
         s.push('?');
         s.push_str(q);
     }
-    Uri::try_from(s).map_err(|_| ForwardError::Unavailable)
+    Uri::try_from(s).map_err(|_| ForwardError::Unavailable(Failure::Connect))
 }

@@ -7,8 +7,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = keygate::cli::Cli::parse();
+    // rustls warns once per handshake about what clients send (an IP address as SNI, say):
+    // a client must not decide how much keygate logs. Failed handshakes are logged at debug.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=off"));
     // Colour only for a person at a terminal: files, pipes and log shippers get plain bytes.
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()

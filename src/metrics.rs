@@ -62,6 +62,8 @@ pub struct RouteStats {
     pub upstream_unavailable: Counter,
     /// Upstream too slow.
     pub upstream_timeout: Counter,
+    /// gRPC requests by final `grpc-status` (0..=16), registered on first use.
+    grpc: [OnceLock<Counter>; 17],
 }
 
 /// The gateway's metric registry.
@@ -186,6 +188,7 @@ impl Metrics {
             ),
             upstream_unavailable: upstream("unavailable"),
             upstream_timeout: upstream("timeout"),
+            grpc: Default::default(),
         }
     }
 
@@ -212,6 +215,27 @@ impl Metrics {
                 )
             })
             .increment(1);
+    }
+
+    /// Counts one finished gRPC request by its `grpc-status`, so an SLO sees gRPC failures
+    /// that travel as HTTP 200.
+    pub fn count_grpc(&self, stats: &RouteStats, grpc_status: u16) {
+        let Some(slot) = stats.grpc.get(usize::from(grpc_status)) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.recorder.register_counter(
+                &Key::from_parts(
+                    "keygate_grpc_requests_total",
+                    vec![
+                        Label::new("route", stats.route.clone()),
+                        Label::new("grpc_status", grpc_status.to_string()),
+                    ],
+                ),
+                &META,
+            )
+        })
+        .increment(1);
     }
 
     /// Counter for one key id (only used with `metrics.per_key: true`).
@@ -262,6 +286,7 @@ impl RouteStats {
             duration: Histogram::noop(),
             upstream_unavailable: Counter::noop(),
             upstream_timeout: Counter::noop(),
+            grpc: Default::default(),
         }
     }
 }

@@ -55,6 +55,37 @@ pub struct Finish {
     pub dropped: metrics::Counter,
     /// The connection, whose in-flight count this request holds.
     pub conn: Arc<ConnState>,
+    /// For gRPC requests: where the final `grpc-status` is counted.
+    pub grpc: Option<GrpcTally>,
+}
+
+/// What a gRPC request's end needs to count its status.
+pub struct GrpcTally {
+    /// The registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The snapshot's per-route handles and this request's index among them.
+    pub stats: Arc<Vec<crate::metrics::RouteStats>>,
+    /// Route index; `None` for requests no route took.
+    pub route: Option<usize>,
+}
+
+impl GrpcTally {
+    /// Counts `status` under the request's route.
+    pub fn count(&self, status: u16) {
+        let stats = self
+            .route
+            .and_then(|i| self.stats.get(i))
+            .unwrap_or(&self.metrics.unrouted);
+        self.metrics.count_grpc(stats, status);
+    }
+}
+
+/// The `grpc-status` a header or trailer block carries.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A response body that reports its end.
@@ -84,6 +115,11 @@ impl ObservedBody {
         f.entry.bytes = self.bytes;
         f.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         f.conn.touch();
+        if let Some(tally) = &f.grpc {
+            // No status by the end (a stream cut short) reads as UNKNOWN (2), per gRPC.
+            let status = *f.entry.grpc_status.get_or_insert(2);
+            tally.count(status);
+        }
         let Finish {
             entry,
             log,
@@ -119,6 +155,12 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                } else if let (Some(t), Some(f)) = (frame.trailers_ref(), this.finish.as_mut()) {
+                    if f.grpc.is_some() {
+                        if let Some(status) = grpc_status(t) {
+                            f.entry.grpc_status = Some(status);
+                        }
+                    }
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.complete(),

@@ -404,6 +404,7 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = conn.state.clone();
+    let (gateway, peer) = (gw.clone(), conn.peer);
     let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(c);
@@ -413,6 +414,7 @@ async fn serve_conn<I>(
         tokio::select! {
             res = c.as_mut() => {
                 if let Err(e) = res {
+                    log_rejected_head(&gateway, peer, e.as_ref());
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
@@ -438,6 +440,46 @@ async fn serve_conn<I>(
                 }
             },
         }
+    }
+}
+
+/// Logs a request hyper refused before our service saw it (bad header bytes, an oversized
+/// head): hyper has already answered 400 or 431 and closed. Method and path are unknown.
+fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
+    let Some(e) = err.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    if !e.is_parse() {
+        return;
+    }
+    let status = if e.is_parse_too_large() { 431 } else { 400 };
+    let snapshot = gw.snapshot.load();
+    gw.metrics
+        .count_request(&gw.metrics.unrouted, status, AuthOutcome::NotChecked);
+    let entry = Entry {
+        time: SystemTime::now(),
+        request_id: headers::new_request_id(),
+        client: peer,
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        uri: Uri::default(),
+        route: None,
+        status,
+        duration: 0.0,
+        bytes: 0,
+        key_id: None,
+        service_account: None,
+        auth: AuthOutcome::NotChecked,
+        upstream_status: None,
+        normalized: Some("-".into()),
+        host: None,
+        user_agent: None,
+        upstream: None,
+        upstream_ms: None,
+        error: Some("bad_request_head"),
+        grpc_status: None,
+    };
+    if !gw.access_log.send(entry, snapshot.config.log_format) {
+        gw.metrics.access_log_dropped.increment(1);
     }
 }
 
@@ -512,6 +554,11 @@ struct Trace {
     key_id: Option<HeaderValue>,
     service_account: Option<HeaderValue>,
     outcome: Option<AuthOutcome>,
+    /// The normalized path, when it differs from the raw one.
+    normalized: Option<Box<str>>,
+    upstream: Option<http::uri::Authority>,
+    upstream_ms: Option<f64>,
+    grpc_status: Option<u16>,
 }
 
 fn outcome_of(err: &GatewayError) -> AuthOutcome {
@@ -543,6 +590,9 @@ struct Pending {
     request_id: HeaderValue,
     method: Method,
     uri: Uri,
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    grpc: bool,
     trace: Trace,
     answered: bool,
 }
@@ -559,7 +609,12 @@ impl Pending {
     }
 
     /// Counts the request and builds its log line; the caller completes duration and bytes.
-    fn record(&mut self, status: u16, upstream_status: Option<u16>) -> Entry {
+    fn record(
+        &mut self,
+        status: u16,
+        upstream_status: Option<u16>,
+        error: Option<&'static str>,
+    ) -> Entry {
         let outcome = self.trace.outcome.unwrap_or(AuthOutcome::NotChecked);
         self.gateway
             .metrics
@@ -583,7 +638,23 @@ impl Pending {
             service_account: self.trace.service_account.take(),
             auth: outcome,
             upstream_status,
+            normalized: self.trace.normalized.take(),
+            host: self.host.take(),
+            user_agent: self.user_agent.take(),
+            upstream: self.trace.upstream.take(),
+            upstream_ms: self.trace.upstream_ms,
+            error,
+            grpc_status: self.trace.grpc_status,
         }
+    }
+
+    /// Where a gRPC request's final status is counted, for gRPC requests only.
+    fn grpc_tally(&self) -> Option<crate::observe::GrpcTally> {
+        self.grpc.then(|| crate::observe::GrpcTally {
+            metrics: self.gateway.metrics.clone(),
+            stats: self.snapshot.route_stats.clone(),
+            route: self.trace.route,
+        })
     }
 }
 
@@ -592,7 +663,14 @@ impl Drop for Pending {
         if self.answered {
             return;
         }
-        let mut entry = self.record(CLIENT_CLOSED, None);
+        if self.grpc {
+            // CANCELLED: the client went away.
+            self.trace.grpc_status = Some(1);
+            if let Some(t) = self.grpc_tally() {
+                t.count(1);
+            }
+        }
+        let mut entry = self.record(CLIENT_CLOSED, None, Some("client_closed"));
         let secs = self.start.elapsed().as_secs_f64();
         self.stats().duration.record(secs);
         entry.duration = secs;
@@ -632,38 +710,53 @@ async fn handle(
         request_id,
         method: req.method().clone(),
         uri: req.uri().clone(),
+        host: req.headers().get(HOST).cloned(),
+        user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+        grpc,
         trace: Trace::default(),
         answered: false,
     };
     let p = &mut pending;
     let result = pipeline(&p.snapshot, &p.gateway, &conn, req, &mut p.trace).await;
-    let (mut resp, upstream_status) = match result {
+    let (mut resp, upstream_status, error) = match result {
         Ok(r) => {
             let status = r.status().as_u16();
-            (r.map(Either::Left), Some(status))
+            if grpc {
+                // A trailers-only answer carries its status in the head.
+                pending.trace.grpc_status = crate::observe::grpc_status(r.headers());
+            }
+            (r.map(Either::Left), Some(status), None)
         }
         Err(e) => {
             if pending.trace.outcome.is_none() {
                 pending.trace.outcome = Some(outcome_of(&e));
             }
-            let stats = pending.stats();
-            match &e {
-                GatewayError::Forward(ForwardError::Unavailable) => {
-                    stats.upstream_unavailable.increment(1)
-                }
-                GatewayError::Forward(ForwardError::Timeout) => stats.upstream_timeout.increment(1),
-                _ => {}
+            if grpc {
+                pending.trace.grpc_status = Some(u16::from(e.grpc_code()));
             }
+            let stats = pending.stats();
+            let error = match &e {
+                GatewayError::Forward(ForwardError::Unavailable(why)) => {
+                    stats.upstream_unavailable.increment(1);
+                    Some(why.as_str())
+                }
+                GatewayError::Forward(ForwardError::Timeout) => {
+                    stats.upstream_timeout.increment(1);
+                    Some("timeout")
+                }
+                _ => None,
+            };
             let config = &pending.snapshot.config;
             (
                 error::response(&e, &config.www_authenticate, grpc).map(Either::Right),
                 None,
+                error,
             )
         }
     };
     resp.headers_mut()
         .insert(&headers::X_REQUEST_ID, pending.request_id.clone());
-    let entry = pending.record(resp.status().as_u16(), upstream_status);
+    let entry = pending.record(resp.status().as_u16(), upstream_status, error);
     pending.answered = true;
     let finish = Box::new(Finish {
         entry,
@@ -673,6 +766,7 @@ async fn handle(
         format: pending.snapshot.config.log_format,
         dropped: pending.gateway.metrics.access_log_dropped.clone(),
         conn: conn.state.clone(),
+        grpc: pending.grpc_tally(),
     });
     Ok(resp.map(|b| ObservedBody::new(b, finish)))
 }
@@ -741,17 +835,28 @@ async fn pipeline(
     // Uri clones share their bytes; this frees `req` to move into `forward`.
     let uri = req.uri().clone();
     let normalized = path::normalize(uri.path())?;
+    if let std::borrow::Cow::Owned(n) = &normalized {
+        trace.normalized = Some(n.as_str().into());
+    }
     let route = config
         .routes
         .find(host_name, req.method(), &path::route_key(&normalized))
         .ok_or(GatewayError::NoRoute)?;
     trace.route = Some(route.index);
-    let permit = auth::authorize(
-        route,
-        &snapshot.keys,
-        auth::credential(req.headers()),
-        auth::now_secs(),
-    )?;
+    let credential = auth::credential(req.headers());
+    let permit = match auth::authorize(route, &snapshot.keys, credential, auth::now_secs()) {
+        Ok(p) => p,
+        Err(e) => {
+            // A known key that was refused (scope, expiry, revocation) is named in the log.
+            if let (auth::Credential::ApiKey(token), true) = (credential, is_known_key(&e)) {
+                if let Some(key) = snapshot.keys.lookup(&crate::keys::digest(token)) {
+                    trace.key_id = Some(key.id_header.clone());
+                    trace.service_account = Some(key.service_account_header.clone());
+                }
+            }
+            return Err(e.into());
+        }
+    };
     match permit.key {
         Some(key) => {
             trace.outcome = Some(AuthOutcome::Allowed);
@@ -772,10 +877,21 @@ async fn pipeline(
         host,
         client: conn.peer.ip(),
         https: conn.https,
+        version: req.version(),
         snapshots: &gateway.snapshot,
     };
     let forwarder = crate::forward::local(snapshot);
-    Ok(forwarder
-        .forward(permit, req, down, &config.identity)
-        .await?)
+    trace.upstream = Some(route.upstream.authority.clone());
+    let sent = Instant::now();
+    let result = forwarder.forward(permit, req, down, &config.identity).await;
+    trace.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+    Ok(result?)
+}
+
+/// True for refusals of a key that was found: scope, expiry, revocation.
+fn is_known_key(e: &AuthError) -> bool {
+    matches!(
+        e,
+        AuthError::InsufficientScope(_) | AuthError::Expired | AuthError::Revoked
+    )
 }
