@@ -14,3 +14,4 @@ mod protocols;
 mod reload;
 mod routing;
 mod tls;
+mod validate;
