@@ -1,6 +1,9 @@
 //! Config file: YAML -> raw structs -> `validate()` -> a checked [`Config`].
 //!
-//! Every problem carries file:line:column, and validation reports all of them at once.
+//! Every problem carries file:line:column, and validation reports all of them at once:
+//! unknown keys (found by walking the document, not by serde) and missing fields sit beside value problems.
+//! Only a YAML syntax error stops early, since past it nothing about the file is known; a value
+//! of the wrong type ends the typed parse but keeps the unknown keys found beside it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,6 +15,10 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::routes::{HostMatch, Route, RouteTable, Upstream};
+
+mod fields;
+
+pub(crate) use fields::{read_checked, read_fields, unknown_field, KeyText, Shape};
 
 /// One problem found in a config or key file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +91,14 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct Problems(pub Vec<Problem>);
 
+impl Problems {
+    /// Problems in file order; the ones without a position go last.
+    pub fn sorted(mut problems: Vec<Problem>) -> Problems {
+        problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
+        Problems(problems)
+    }
+}
+
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.0.iter().enumerate() {
@@ -147,10 +162,11 @@ pub struct Config {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+// Required fields are `Option` too: a missing one becomes a problem beside the others
+// instead of a serde error that ends the parse.
 struct RawConfig {
     listen: Option<Spanned<String>>,
-    keys_file: Spanned<String>,
+    keys_file: Option<Spanned<String>>,
     state_file: Option<Spanned<String>>,
     realm: Option<Spanned<String>>,
     identity_headers: Option<RawIdentity>,
@@ -167,14 +183,12 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTls {
     cert: Spanned<String>,
     key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLimits {
     max_header_bytes: Option<Spanned<SizeText>>,
     header_read_timeout: Option<Spanned<String>>,
@@ -184,7 +198,6 @@ struct RawLimits {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawMetrics {
     #[serde(default)]
     per_key: bool,
@@ -199,20 +212,18 @@ enum SizeText {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawIdentity {
     key_id: Option<Spanned<String>>,
     service_account: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRoute {
-    name: Spanned<String>,
-    path_prefix: Spanned<String>,
+    name: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
     host: Option<Spanned<String>>,
     methods: Option<Vec<Spanned<String>>>,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default)]
@@ -225,6 +236,62 @@ struct RawRoute {
     tls_server_name: Option<Spanned<String>>,
     websocket: Option<Spanned<bool>>,
 }
+
+// Unknown keys are found by walking these, not by serde, so that each one is reported with
+// the file's other problems; `shapes_match_the_raw_structs` keeps them in step.
+const TLS_SHAPE: Shape = Shape::Map("tls", &[("cert", Shape::Leaf), ("key", Shape::Leaf)]);
+const LIMITS_SHAPE: Shape = Shape::Map(
+    "limits",
+    &[
+        ("max_header_bytes", Shape::Leaf),
+        ("header_read_timeout", Shape::Leaf),
+        ("idle_timeout", Shape::Leaf),
+        ("upstream_connect_timeout", Shape::Leaf),
+        ("max_connections", Shape::Leaf),
+    ],
+);
+const METRICS_SHAPE: Shape = Shape::Map("metrics", &[("per_key", Shape::Leaf)]);
+const IDENTITY_SHAPE: Shape = Shape::Map(
+    "identity_headers",
+    &[("key_id", Shape::Leaf), ("service_account", Shape::Leaf)],
+);
+const ROUTE_SHAPE: Shape = Shape::Map(
+    "route",
+    &[
+        ("name", Shape::Leaf),
+        ("path_prefix", Shape::Leaf),
+        ("host", Shape::Leaf),
+        ("methods", Shape::Leaf),
+        ("upstream", Shape::Leaf),
+        ("strip_prefix", Shape::Leaf),
+        ("scopes", Shape::Leaf),
+        ("timeout", Shape::Leaf),
+        ("public", Shape::Leaf),
+        ("max_body", Shape::Leaf),
+        ("ca_file", Shape::Leaf),
+        ("tls_server_name", Shape::Leaf),
+        ("websocket", Shape::Leaf),
+    ],
+);
+const CONFIG_SHAPE: Shape = Shape::Map(
+    "the config",
+    &[
+        ("listen", Shape::Leaf),
+        ("keys_file", Shape::Leaf),
+        ("state_file", Shape::Leaf),
+        ("realm", Shape::Leaf),
+        ("identity_headers", IDENTITY_SHAPE),
+        ("known_scopes", Shape::Leaf),
+        ("routes", Shape::List(&ROUTE_SHAPE)),
+        ("tls", TLS_SHAPE),
+        ("admin_listen", Shape::Leaf),
+        ("log_format", Shape::Leaf),
+        ("limits", LIMITS_SHAPE),
+        ("shutdown_grace", Shape::Leaf),
+        ("shutdown_delay", Shape::Leaf),
+        ("metrics", METRICS_SHAPE),
+    ],
+);
 
 /// Where the gateway's TLS certificate and key live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,9 +476,16 @@ impl Config {
 
     /// Parses and checks config text that came from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, Problems> {
-        let raw: RawConfig = serde_saphyr::from_str(text)
-            .map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
-        validate(path, raw)
+        let (problems, raw) = read_checked::<Spanned<RawConfig>>(
+            path,
+            text,
+            &CONFIG_SHAPE,
+            serde_saphyr::Options::default(),
+        )?;
+        match raw {
+            Some(raw) => validate(path, raw, problems),
+            None => Err(Problems::sorted(problems)),
+        }
     }
 }
 
@@ -424,8 +498,14 @@ fn resolve(base: &Path, rel: &str) -> PathBuf {
     }
 }
 
-fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
-    let mut problems = Vec::new();
+/// Checks `raw`; `problems` already holds what the parse found (unknown keys).
+fn validate(
+    path: &Path,
+    raw: Spanned<RawConfig>,
+    mut problems: Vec<Problem>,
+) -> Result<Config, Problems> {
+    let top = raw.referenced;
+    let raw = raw.value;
     let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
     let base = if base.as_os_str().is_empty() {
         PathBuf::from(".")
@@ -445,14 +525,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         None => DEFAULT_LISTEN,
     };
 
-    if raw.keys_file.value.trim().is_empty() {
-        problems.push(Problem::at(
-            path,
-            raw.keys_file.referenced,
-            "keys_file is empty",
-        ));
+    let keys_file_at = raw.keys_file.as_ref().map_or(top, |k| k.referenced);
+    match &raw.keys_file {
+        None => problems.push(Problem::at(path, top, "missing field `keys_file`")),
+        Some(k) if k.value.trim().is_empty() => {
+            problems.push(Problem::at(path, k.referenced, "keys_file is empty"));
+        }
+        Some(_) => {}
     }
-    let keys_file = resolve(&base, &raw.keys_file.value);
+    let keys_file = resolve(&base, raw.keys_file.as_ref().map_or("", |k| &k.value));
     let state_file = match &raw.state_file {
         Some(s) => resolve(&base, &s.value),
         None => default_state_file(&keys_file),
@@ -625,15 +706,17 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
     for r in &raw.routes {
         let loc = r.referenced;
         let r = &r.value;
-        if let Some(first) = names.insert(r.name.value.clone(), r.name.referenced.line()) {
-            problems.push(Problem::at(
-                path,
-                r.name.referenced,
-                format!(
-                    "duplicate route name {:?} (first declared on line {first})",
-                    r.name.value
-                ),
-            ));
+        if let Some(name) = &r.name {
+            if let Some(first) = names.insert(name.value.clone(), name.referenced.line()) {
+                problems.push(Problem::at(
+                    path,
+                    name.referenced,
+                    format!(
+                        "duplicate route name {:?} (first declared on line {first})",
+                        name.value
+                    ),
+                ));
+            }
         }
         if let Some(route) =
             check_route(path, &base, loc, r, known_scopes.as_deref(), &mut problems)
@@ -643,7 +726,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
     }
 
     if !problems.is_empty() {
-        return Err(Problems(problems));
+        return Err(Problems::sorted(problems));
     }
     static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     Ok(Config {
@@ -651,7 +734,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Problems> {
         path: path.to_path_buf(),
         listen,
         keys_file,
-        keys_file_at: raw.keys_file.referenced,
+        keys_file_at,
         state_file,
         realm,
         www_authenticate,
@@ -677,23 +760,39 @@ fn check_route(
     problems: &mut Vec<Problem>,
 ) -> Option<Route> {
     let before = problems.len();
+    for (field, value) in [
+        ("name", &r.name),
+        ("path_prefix", &r.path_prefix),
+        ("upstream", &r.upstream),
+    ] {
+        if value.is_none() {
+            problems.push(Problem::at(
+                path,
+                loc,
+                format!("missing field `{field}` in route"),
+            ));
+        }
+    }
+    let route_name = r.name.as_ref().map_or("", |n| n.value.as_str());
     let mut bad =
         |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
 
-    if r.name.value.trim().is_empty() {
-        bad(&r.name, "route name is empty".into());
+    if let Some(name) = r.name.as_ref().filter(|n| n.value.trim().is_empty()) {
+        bad(name, "route name is empty".into());
     }
-    let prefix = &r.path_prefix.value;
-    let prefix_ok = prefix.starts_with('/')
-        && matches!(
-            crate::path::normalize(prefix),
-            Ok(std::borrow::Cow::Borrowed(_))
-        );
-    if !prefix_ok {
-        bad(
-            &r.path_prefix,
-            format!("path_prefix {prefix:?} must be a normalized absolute path like /api/"),
-        );
+    let prefix = r.path_prefix.as_ref().map_or("", |p| p.value.as_str());
+    if let Some(p) = &r.path_prefix {
+        let prefix_ok = prefix.starts_with('/')
+            && matches!(
+                crate::path::normalize(prefix),
+                Ok(std::borrow::Cow::Borrowed(_))
+            );
+        if !prefix_ok {
+            bad(
+                p,
+                format!("path_prefix {prefix:?} must be a normalized absolute path like /api/"),
+            );
+        }
     }
 
     let host = r
@@ -726,21 +825,21 @@ fn check_route(
             problems.push(Problem::at(
                 path,
                 loc,
-                format!(
-                    "route {:?}: methods is empty; omit it to allow every method",
-                    r.name.value
-                ),
+                format!("route {route_name:?}: methods is empty; omit it to allow every method"),
             ));
         }
     }
 
-    let upstream = match Upstream::parse(&r.upstream.value) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            problems.push(Problem::at(path, r.upstream.referenced, e));
-            None
-        }
-    };
+    let upstream = r
+        .upstream
+        .as_ref()
+        .and_then(|u| match Upstream::parse(&u.value) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(Problem::at(path, u.referenced, e));
+                None
+            }
+        });
 
     let mut scopes = Vec::with_capacity(r.scopes.len());
     for s in &r.scopes {
@@ -774,8 +873,7 @@ fn check_route(
                 path,
                 p.referenced,
                 format!(
-                    "route {:?} is public but lists scopes; a public route checks no key",
-                    r.name.value
+                    "route {route_name:?} is public but lists scopes; a public route checks no key"
                 ),
             ));
         }
@@ -843,8 +941,8 @@ fn check_route(
             ca_file,
             server_name: r.tls_server_name.as_ref().map(|n| n.value.clone()),
         },
-        name: r.name.value.as_str().into(),
-        path_prefix: prefix.clone(),
+        name: route_name.into(),
+        path_prefix: prefix.to_string(),
         host,
         methods,
         upstream,
@@ -898,6 +996,78 @@ mod tests {
         assert_eq!(err.0[0].line, 2);
         let err = parse("keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://a:1\n    scope: [x]\n").unwrap_err();
         assert_eq!(err.0[0].line, 6);
+    }
+
+    #[test]
+    fn unknown_keys_are_listed_beside_every_other_problem() {
+        let err = parse(
+            "keys_file: k.yaml\nlisten_addr: 1\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: ftp://x\n    scope: [x]\n    timeout: soon\n  - name: a\n    path_prefix: /b\n    upstream: http://127.0.0.1:1\n",
+        )
+        .unwrap_err();
+        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(at, vec![(2, 1), (6, 15), (7, 5), (8, 14), (9, 11)], "{err}");
+        assert!(err.0[0].message.contains("`listen`"), "{err}");
+        assert!(err.0[2].message.contains("`scopes`"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_fields_do_not_hide_other_problems() {
+        let err = parse("routes:\n  - name: a\n    timeout: soon\n    bogus: 1\n").unwrap_err();
+        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+        // keys_file at the document, path_prefix and upstream at the route, then timeout, bogus.
+        assert_eq!(at, vec![(1, 1), (2, 5), (2, 5), (3, 14), (4, 5)], "{err}");
+    }
+
+    /// The field list serde derived for `T`, read by a deserializer that only records it.
+    fn serde_fields<T: Deserialize<'static>>() -> Vec<&'static str> {
+        struct Capture(Vec<&'static str>);
+        impl<'de> serde::Deserializer<'de> for &mut Capture {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0 = fields.to_vec();
+                Err(serde::de::Error::custom("captured"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut c = Capture(Vec::new());
+        let _ = T::deserialize(&mut c);
+        let mut f = c.0;
+        f.sort_unstable();
+        f
+    }
+
+    fn shape_fields(shape: &Shape) -> Vec<&'static str> {
+        let Shape::Map(_, fields) = shape else {
+            panic!("not a map shape")
+        };
+        let mut f: Vec<&'static str> = fields.iter().map(|(n, _)| *n).collect();
+        f.sort_unstable();
+        f
+    }
+
+    #[test]
+    fn shapes_match_the_raw_structs() {
+        assert_eq!(shape_fields(&CONFIG_SHAPE), serde_fields::<RawConfig>());
+        assert_eq!(shape_fields(&ROUTE_SHAPE), serde_fields::<RawRoute>());
+        assert_eq!(shape_fields(&TLS_SHAPE), serde_fields::<RawTls>());
+        assert_eq!(shape_fields(&LIMITS_SHAPE), serde_fields::<RawLimits>());
+        assert_eq!(shape_fields(&METRICS_SHAPE), serde_fields::<RawMetrics>());
+        assert_eq!(shape_fields(&IDENTITY_SHAPE), serde_fields::<RawIdentity>());
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use http::HeaderValue;
-use serde::Deserialize;
+use serde::de::{Deserialize, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::config::{check_scope, Problem, Problems};
+use crate::config::{check_scope, read_fields, unknown_field, KeyText, Problem, Problems};
 
 /// Prefix of every key keygate issues.
 pub const KEY_PREFIX: &str = "kg_";
@@ -142,23 +142,98 @@ impl fmt::Debug for KeyRecord {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+// The key file grows with its key count, so unknown keys are caught while it is parsed,
+// in one pass, instead of by a second walk like the config's: a `revoke_at` typo is then
+// listed beside the entry's other problems instead of hiding them (or the key staying live).
+#[derive(Default)]
 struct RawKeyFile {
     keys: Option<Vec<Spanned<RawKey>>>,
+    unknown: Vec<Spanned<KeyText>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+const KEY_FILE_FIELDS: &[&str] = &["keys"];
+
+// Required fields are `Option` too: a missing one becomes a problem beside the others
+// instead of a serde error that ends the parse.
+#[derive(Default)]
 struct RawKey {
-    id: Spanned<String>,
-    hash: Spanned<String>,
-    service_account: Spanned<String>,
-    scopes: Vec<Spanned<String>>,
+    id: Option<Spanned<String>>,
+    hash: Option<Spanned<String>>,
+    service_account: Option<Spanned<String>>,
+    scopes: Option<Vec<Spanned<String>>>,
     description: Option<String>,
     created_at: Option<Spanned<String>>,
     expires_at: Option<Spanned<String>>,
     revoked_at: Option<Spanned<String>>,
+    unknown: Vec<Spanned<KeyText>>,
+}
+
+/// Every field a key entry may have, for typo hints; `RawKey`'s reader matches the same names.
+const KEY_FIELDS: &[&str] = &[
+    "id",
+    "hash",
+    "service_account",
+    "scopes",
+    "description",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+];
+
+impl<'de> Deserialize<'de> for RawKeyFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawKeyFile;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping with a `keys:` list")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawKeyFile, A::Error> {
+                let mut keys = None;
+                let unknown = read_fields(&mut map, |name, map| {
+                    match name {
+                        "keys" => keys = map.next_value()?,
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                Ok(RawKeyFile { keys, unknown })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key entry mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawKey, A::Error> {
+                let mut k = RawKey::default();
+                let unknown = read_fields(&mut map, |name, map| {
+                    match name {
+                        "id" => k.id = map.next_value()?,
+                        "hash" => k.hash = map.next_value()?,
+                        "service_account" => k.service_account = map.next_value()?,
+                        "scopes" => k.scopes = map.next_value()?,
+                        "description" => k.description = map.next_value()?,
+                        "created_at" => k.created_at = map.next_value()?,
+                        "expires_at" => k.expires_at = map.next_value()?,
+                        "revoked_at" => k.revoked_at = map.next_value()?,
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                k.unknown = unknown;
+                Ok(k)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Key ids: letters, digits, `-`, `_`, `.`.
@@ -220,52 +295,86 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<KeyRecord>, Problem
     let options = serde_saphyr::options! { budget: Some(budget) };
     let raw: RawKeyFile = serde_saphyr::from_str_with_options(text, options)
         .map_err(|e| Problems(vec![Problem::from_yaml(path, &e)]))?;
+    let mut problems: Vec<Problem> = raw
+        .unknown
+        .iter()
+        .map(|k| unknown_field(path, k, "the key file", KEY_FILE_FIELDS))
+        .collect();
     let Some(raw_keys) = raw.keys else {
-        return Err(Problems(vec![Problem::whole(
+        problems.push(Problem::whole(
             path,
             "missing `keys:` list (an empty key list is written `keys: []`)",
-        )]));
+        ));
+        return Err(Problems::sorted(problems));
     };
-    let mut problems = Vec::new();
     let mut records = Vec::with_capacity(raw_keys.len());
     let mut ids: HashSet<&str> = HashSet::with_capacity(raw_keys.len());
     let mut hashes: HashSet<Digest32> = HashSet::with_capacity(raw_keys.len());
     for k in &raw_keys {
+        let loc = k.referenced;
         let k = &k.value;
         let before = problems.len();
+        problems.extend(
+            k.unknown
+                .iter()
+                .map(|u| unknown_field(path, u, "key entry", KEY_FIELDS)),
+        );
+        for (field, present) in [
+            ("id", k.id.is_some()),
+            ("hash", k.hash.is_some()),
+            ("service_account", k.service_account.is_some()),
+            ("scopes", k.scopes.is_some()),
+        ] {
+            if !present {
+                problems.push(Problem::at(
+                    path,
+                    loc,
+                    format!("missing field `{field}` in key entry"),
+                ));
+            }
+        }
+        let id = k.id.as_ref().map_or("", |i| i.value.as_str());
         let mut bad =
             |s: &Spanned<String>, msg: String| problems.push(Problem::at(path, s.referenced, msg));
-        if !valid_id(&k.id.value) {
-            bad(
-                &k.id,
-                format!(
-                    "invalid key id {:?}: use letters, digits, '-', '_', '.'",
-                    k.id.value
+        if let Some(i) = &k.id {
+            if !valid_id(&i.value) {
+                bad(
+                    i,
+                    format!(
+                        "invalid key id {:?}: use letters, digits, '-', '_', '.'",
+                        i.value
+                    ),
+                );
+            } else if !ids.insert(&i.value) {
+                bad(i, format!("duplicate key id {:?}", i.value));
+            }
+        }
+        let hash = k.hash.as_ref().and_then(|h| {
+            let parsed = parse_hash(&h.value);
+            match parsed {
+                // The hash itself is never echoed: it is secret-derived.
+                None => bad(
+                    h,
+                    "invalid hash: expected sha256: followed by 64 lowercase hex digits".into(),
                 ),
-            );
-        } else if !ids.insert(&k.id.value) {
-            bad(&k.id, format!("duplicate key id {:?}", k.id.value));
-        }
-        let hash = parse_hash(&k.hash.value);
-        match hash {
-            // The hash itself is never echoed: it is secret-derived.
-            None => bad(
-                &k.hash,
-                "invalid hash: expected sha256: followed by 64 lowercase hex digits".into(),
-            ),
-            Some(h) if !hashes.insert(h) => bad(
-                &k.hash,
-                format!("key {:?} has the same hash as an earlier key", k.id.value),
-            ),
-            Some(_) => {}
-        }
-        if !valid_service_account(&k.service_account.value) {
+                Some(d) if !hashes.insert(d) => {
+                    bad(h, format!("key {id:?} has the same hash as an earlier key"))
+                }
+                Some(_) => {}
+            }
+            parsed
+        });
+        if let Some(sa) = k
+            .service_account
+            .as_ref()
+            .filter(|sa| !valid_service_account(&sa.value))
+        {
             bad(
-                &k.service_account,
+                sa,
                 "invalid service_account: expected visible ASCII without spaces".into(),
             );
         }
-        for s in &k.scopes {
+        for s in k.scopes.iter().flatten() {
             if let Err(e) = check_scope(&s.value) {
                 bad(s, e);
             }
@@ -287,10 +396,13 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<KeyRecord>, Problem
         }
         let Some(hash) = hash else { continue };
         records.push(KeyRecord {
-            id: k.id.value.clone(),
+            id: id.to_string(),
             hash,
-            service_account: k.service_account.value.clone(),
-            scopes: k.scopes.iter().map(|s| s.value.clone()).collect(),
+            service_account: k
+                .service_account
+                .as_ref()
+                .map_or_else(String::new, |sa| sa.value.clone()),
+            scopes: k.scopes.iter().flatten().map(|s| s.value.clone()).collect(),
             description: k.description.clone(),
             created_at,
             expires_at,
@@ -300,7 +412,7 @@ pub fn parse_key_file(path: &Path, text: &str) -> Result<Vec<KeyRecord>, Problem
     if problems.is_empty() {
         Ok(records)
     } else {
-        Err(Problems(problems))
+        Err(Problems::sorted(problems))
     }
 }
 
@@ -490,6 +602,31 @@ mod tests {
         assert!(s.contains("k.yaml:6:9: duplicate key id"), "{s}");
         assert!(s.contains("k.yaml:10:17:"), "{s}");
         assert!(!s.contains("zz"), "hash text must not be echoed: {s}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_beside_the_entry_s_other_problems() {
+        let text = "keys:\n  - id: a\n    hash: sha256:zz\n    service_account: sa\n    scopes: [x]\n    revoke_at: 2026-01-01T00:00:00Z\n  - id: b\n    service_account: sa\n    scopes: [x]\n    expires_at: tomorrow\nextra: 1\n";
+        let err = parse_key_file(Path::new("k.yaml"), text).unwrap_err();
+        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(
+            at,
+            vec![(3, 11), (6, 5), (7, 5), (10, 17), (11, 1)],
+            "{err}"
+        );
+        assert!(err.0[1].message.contains("`revoked_at`"), "{err}");
+        assert!(err.0[2].message.contains("`hash`"), "{err}");
+    }
+
+    #[test]
+    fn every_listed_field_is_read() {
+        // KEY_FIELDS feeds the typo hints; the reader must accept exactly those names.
+        let text = "keys:\n  - id: a\n    hash: sha256:0000000000000000000000000000000000000000000000000000000000000000\n    service_account: sa\n    scopes: [x]\n    description: d\n    created_at: 2026-01-01T00:00:00Z\n    expires_at: 2027-01-01T00:00:00Z\n    revoked_at: 2026-06-01T00:00:00Z\n";
+        assert_eq!(text.matches("\n    ").count() + 1, KEY_FIELDS.len());
+        let keys = parse_key_file(Path::new("k.yaml"), text).unwrap();
+        let k = &keys[0];
+        assert_eq!(k.description.as_deref(), Some("d"));
+        assert!(k.created_at.is_some() && k.expires_at.is_some() && k.revoked_at.is_some());
     }
 
     #[test]

@@ -15,3 +15,4 @@ mod protocols;
 mod reload;
 mod routing;
 mod tls;
+mod validate;
