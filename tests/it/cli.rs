@@ -225,3 +225,77 @@ fn kubernetes_example_config_is_valid() {
     );
     assert!(config.admin_listen.is_some());
 }
+
+/// The quick start's curl lines, run as written against the shipped example files (ports moved
+/// to free ones), each giving the answer printed beside it.
+#[tokio::test]
+async fn readme_quick_start_answers_as_printed() {
+    if !peer_available("curl", Command::new("curl").arg("--version")) {
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("## Quick start").unwrap();
+    let end = start + readme[start..].find("\n## ").unwrap();
+    let quick = &readme[start..end];
+    let key = quick
+        .lines()
+        .find_map(|l| l.strip_prefix("KEY="))
+        .expect("the quick start sets KEY")
+        .trim()
+        .to_string();
+    let curls: Vec<&str> = quick.lines().filter(|l| l.starts_with("curl ")).collect();
+    assert!(curls.len() >= 4, "{curls:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (gw_port, echo_port) = (free_port(), free_port());
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let moved = |text: String| {
+        text.replace("127.0.0.1:8080", &format!("127.0.0.1:{gw_port}"))
+            .replace("127.0.0.1:9001", &format!("127.0.0.1:{echo_port}"))
+    };
+    for f in ["keygate.yaml", "keys.yaml"] {
+        let text = std::fs::read_to_string(format!("{shipped}/{f}")).unwrap();
+        write(&dir.path().join(f), &moved(text));
+    }
+    let _echo = Proc(
+        Command::new(bin())
+            .args(["echo", "--listen", &format!("127.0.0.1:{echo_port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _gw = Proc(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(dir.path().join("keygate.yaml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(format!("127.0.0.1:{echo_port}").parse().unwrap()).await;
+    wait_listening(format!("127.0.0.1:{gw_port}").parse().unwrap()).await;
+    for line in curls {
+        let (cmd, expect) = line.split_once("   # ").expect("each line says its answer");
+        let cmd = moved(cmd.to_string());
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("KEY={key}; {cmd}"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        match expect.split_whitespace().next().unwrap() {
+            code if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => {
+                assert_eq!(stdout.trim(), code, "{line}");
+            }
+            _ => {
+                // The echo line: the upstream saw the key's id and no Authorization header.
+                let v: serde_json::Value =
+                    serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("{line}: {stdout}"));
+                assert_eq!(v["headers"]["x-api-key-id"], "example", "{stdout}");
+                assert!(v["headers"].get("authorization").is_none(), "{stdout}");
+            }
+        }
+    }
+}

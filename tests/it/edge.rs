@@ -415,12 +415,12 @@ async fn websocket_counts_as_a_connection_and_ends_with_its_key() {
 #[tokio::test]
 async fn websocket_ends_when_its_key_expires_and_at_shutdown_grace() {
     let up = SwitchingUpstream::start(false).await;
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let expires = (time::OffsetDateTime::now_utc() + time::Duration::seconds(3))
+        .replace_nanosecond(0)
+        .unwrap();
     let expiring = TestKey::new("short", "sa", &["ws.use"]).with(&format!(
         "    expires_at: {}\n",
         expires
-            .replace_nanosecond(0)
-            .unwrap()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap()
     ));

@@ -9,6 +9,7 @@ mod faults;
 mod forwarding;
 mod hostile;
 mod keys_cli;
+mod observability;
 mod paths;
 mod production;
 mod protocols;

@@ -71,7 +71,13 @@ async fn grpc_unary_streaming_trailers_and_native_errors() {
         route("admin", "/admin.Svc/", &up, "    scopes: [grpc.admin]\n"),
         route("down", "/down.Svc/", &format!("h2c://{dead}"), ""),
     );
-    let gw = Gateway::start(&routes, &[&k]).await;
+    let admin = crate::cli::free_port();
+    let gw = Gateway::start_with(
+        &format!("admin_listen: 127.0.0.1:{admin}\n"),
+        &routes,
+        &[&k],
+    )
+    .await;
     let r = run_client(vec![
         py("grpc_client.py"),
         gw.addr.to_string(),
@@ -91,6 +97,20 @@ async fn grpc_unary_streaming_trailers_and_native_errors() {
     assert_eq!(r["scope"], "PERMISSION_DENIED");
     assert_eq!(r["noroute"], "UNIMPLEMENTED");
     assert_eq!(r["down"], "UNAVAILABLE");
+    // gRPC failures travel as HTTP 200: the gRPC metric carries their status.
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let m = String::from_utf8(get(admin_addr, "/metrics", &[]).await.body).unwrap();
+    let grpc = |route: &str, status: &str| {
+        m.lines().any(|l| {
+            l.starts_with("keygate_grpc_requests_total")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("grpc_status=\"{status}\""))
+        })
+    };
+    assert!(grpc("echo", "0"), "{m}");
+    assert!(grpc("echo", "16"), "{m}");
+    assert!(grpc("admin", "7"), "{m}");
+    assert!(grpc("down", "14"), "{m}");
     gw.stop().await;
 }
 
