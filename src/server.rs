@@ -313,6 +313,7 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
             }
         };
         let mut stop = shared.stop.clone();
+        let mut last_accept_warning = None;
         loop {
             // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
             let permit = tokio::select! {
@@ -323,8 +324,14 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off instead of spinning,
+                        // and say so at most once a second (clients can cause some of these).
+                        if last_accept_warning.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(error = %e, "accept failed");
+                            last_accept_warning = Some(std::time::Instant::now());
+                        } else {
+                            tracing::debug!(error = %e, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }

@@ -137,3 +137,49 @@ async fn http10_upstream_answer_keeps_the_clients_version() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn clients_cannot_flood_the_log_through_tls_handshakes() {
+    if !peer_available("openssl", Command::new("openssl").arg("version")) {
+        return;
+    }
+    let leaf = crate::support::certs::Ca::new().leaf();
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("cert.pem"), &leaf.cert_pem);
+    write(&dir.path().join("key.pem"), &leaf.key_pem);
+    write(&dir.path().join("keys.yaml"), &key_file(&[]));
+    let port = free_port();
+    write(
+        &dir.path().join("keygate.yaml"),
+        &format!(
+            "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\ntls:\n  cert: cert.pem\n  key: key.pem\nroutes:\n{}",
+            route("pub", "/", "http://127.0.0.1:1", "    public: true\n")
+        ),
+    );
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("keygate.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut p = Proc(child);
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    // An IP address as SNI is illegal; rustls used to warn once per handshake.
+    for _ in 0..10 {
+        let _ = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    tokio::task::spawn_blocking(move || p.term()).await.unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut { stderr }, &mut text).unwrap();
+    let lines = text.lines().count();
+    assert!(lines <= 4, "10 handshakes wrote {lines} lines:\n{text}");
+    assert!(!text.contains("SNI"), "{text}");
+}
