@@ -368,6 +368,12 @@ mod tests {
             line.contains("\"GET /a%22b/c\" 200 42 1.234ms route=api"),
             "{line}"
         );
-        assert!(line.ends_with("auth=allowed upstream=-"), "{line}");
+        assert!(line.contains("auth=allowed upstream=-"), "{line}");
+        assert!(
+            line.ends_with(
+                " host=api.example.com ua=\"-\" upstream_addr=- upstream_ms=- error=refused"
+            ),
+            "{line}"
+        );
     }
 }
