@@ -69,7 +69,12 @@ async fn grpc_unary_streaming_trailers_and_native_errors() {
         "{}{}{}",
         route("echo", "/test.Echo/", &up, "    scopes: [grpc.call]\n"),
         route("admin", "/admin.Svc/", &up, "    scopes: [grpc.admin]\n"),
-        route("down", "/down.Svc/", &format!("h2c://{dead}"), ""),
+        route(
+            "down",
+            "/down.Svc/",
+            &format!("h2c://{dead}"),
+            "    scopes: []\n"
+        ),
     );
     let gw = Gateway::start(&routes, &[&k]).await;
     let r = run_client(vec![
