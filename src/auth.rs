@@ -17,9 +17,9 @@ pub fn now_secs() -> i64 {
 /// Why a request was not let through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No `Api-Key` credential on a protected route.
-    #[error("this route needs an API key: send `Authorization: Api-Key <key>`")]
-    Missing,
+    /// No `Api-Key` credential on a protected route; says what came instead.
+    #[error("this route accepts `Authorization: Api-Key <key>`; {0}")]
+    Missing(Presented),
     /// Malformed, bad checksum, or unknown.
     #[error("the API key is not valid")]
     Invalid,
@@ -34,13 +34,68 @@ pub enum AuthError {
     InsufficientScope(String),
 }
 
+/// What a request sent instead of an `Api-Key` credential, as far as a refusal may repeat it.
+///
+/// The scheme name is the client's text: it is named back only when it is a short token, and
+/// the credential after it never is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented {
+    /// No `Authorization` header.
+    Nothing,
+    /// Another scheme, by its name (`Bearer`, `Basic`).
+    Scheme(Box<str>),
+    /// A value with no space in it: a bare credential, perhaps a key without `Api-Key `.
+    NoScheme,
+    /// A scheme name too long or with characters other than letters, digits and `-`.
+    Unrecognized,
+}
+
+/// Longest scheme name repeated in a refusal; real ones (`Negotiate`) are far shorter.
+const MAX_ECHOED_SCHEME: usize = 32;
+
+impl Presented {
+    /// Classifies the scheme part of an `Authorization` value that is not `Api-Key`.
+    fn of(scheme: &[u8], has_credential: bool) -> Presented {
+        if !has_credential {
+            return Presented::NoScheme;
+        }
+        let token = !scheme.is_empty()
+            && scheme.len() <= MAX_ECHOED_SCHEME
+            && scheme
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-');
+        match std::str::from_utf8(scheme) {
+            Ok(name) if token => Presented::Scheme(name.into()),
+            _ => Presented::Unrecognized,
+        }
+    }
+}
+
+impl std::fmt::Display for Presented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Presented::Nothing => f.write_str("no `Authorization` header was sent"),
+            Presented::Scheme(name) => write!(f, "got the `{name}` scheme"),
+            Presented::NoScheme => {
+                f.write_str("got a value with no scheme; put `Api-Key ` before the key")
+            }
+            Presented::Unrecognized => f.write_str("got an unrecognized scheme"),
+        }
+    }
+}
+
 /// What the `Authorization` header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Credential<'h> {
     /// No header.
     Absent,
-    /// Some other scheme (Basic, Bearer...).
-    OtherScheme,
+    /// Some other scheme (Basic, Bearer...): its name, and whether anything followed it.
+    OtherScheme {
+        /// The scheme as sent; client text, never echoed unchecked.
+        scheme: &'h [u8],
+        /// A space and more came after the scheme.
+        has_credential: bool,
+    },
     /// `Api-Key` with something other than exactly one token.
     MalformedApiKey,
     /// `Api-Key <token>`.
@@ -63,7 +118,10 @@ pub fn parse_authorization(value: &[u8]) -> Credential<'_> {
         None => (value, &[][..]),
     };
     if !scheme.eq_ignore_ascii_case(SCHEME) {
-        return Credential::OtherScheme;
+        return Credential::OtherScheme {
+            scheme,
+            has_credential: scheme.len() < value.len(),
+        };
     }
     let one_token = !rest.is_empty() && rest.iter().all(|&b| b.is_ascii_graphic() || b >= 0x80);
     if one_token {
@@ -93,7 +151,11 @@ pub fn authorize<'a>(
         return Ok(Permit { route, key: None });
     }
     let token = match credential {
-        Credential::Absent | Credential::OtherScheme => return Err(AuthError::Missing),
+        Credential::Absent => return Err(AuthError::Missing(Presented::Nothing)),
+        Credential::OtherScheme {
+            scheme,
+            has_credential,
+        } => return Err(AuthError::Missing(Presented::of(scheme, has_credential))),
         Credential::MalformedApiKey => return Err(AuthError::Invalid),
         Credential::ApiKey(t) => t,
     };
@@ -163,7 +225,52 @@ mod tests {
 
     #[test]
     fn other_schemes() {
-        assert_eq!(parse_authorization(b"Bearer x"), Credential::OtherScheme);
-        assert_eq!(parse_authorization(b"Api-Keyx y"), Credential::OtherScheme);
+        assert_eq!(
+            parse_authorization(b"Bearer x"),
+            Credential::OtherScheme {
+                scheme: b"Bearer",
+                has_credential: true
+            }
+        );
+        assert_eq!(
+            parse_authorization(b"Api-Keyx y"),
+            Credential::OtherScheme {
+                scheme: b"Api-Keyx",
+                has_credential: true
+            }
+        );
+        assert_eq!(
+            parse_authorization(b"kg_abc"),
+            Credential::OtherScheme {
+                scheme: b"kg_abc",
+                has_credential: false
+            }
+        );
+    }
+
+    #[test]
+    fn only_short_token_schemes_are_named_back() {
+        let named = |v: &'static [u8]| match parse_authorization(v) {
+            Credential::OtherScheme {
+                scheme,
+                has_credential,
+            } => Presented::of(scheme, has_credential),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(named(b"Bearer kg_x"), Presented::Scheme("Bearer".into()));
+        assert_eq!(
+            named(b"X-Custom-1 a"),
+            Presented::Scheme("X-Custom-1".into())
+        );
+        assert_eq!(named(b"Bea<rer> x"), Presented::Unrecognized);
+        assert_eq!(named(b"Bearer_ x"), Presented::Unrecognized);
+        assert_eq!(named(b" x"), Presented::Unrecognized);
+        assert_eq!(named(&[b'A'; 33]), Presented::NoScheme);
+        let long = b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA x";
+        assert_eq!(named(long), Presented::Unrecognized);
+        assert_eq!(named(b"kg_secretsecret"), Presented::NoScheme);
+        assert!(!AuthError::Missing(named(b"kg_secretsecret"))
+            .to_string()
+            .contains("secret"));
     }
 }

@@ -127,10 +127,16 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
 fn validate(config_path: &Path) -> ExitCode {
     let problems = match crate::config::Config::load(config_path) {
         Err(p) => p.0,
-        Ok(config) => match crate::keys::load_key_file(&config.keys_file) {
-            Err(p) => config.locate_key_file_problems(p).0,
-            Ok(_) => Vec::new(),
-        },
+        Ok(config) => {
+            // Warnings do not fail the check; they print first, in the problems' format.
+            for w in &config.warnings {
+                println!("{}", crate::config::Warning(w));
+            }
+            match crate::keys::load_key_file(&config.keys_file) {
+                Err(p) => config.locate_key_file_problems(p).0,
+                Ok(_) => Vec::new(),
+            }
+        }
     };
     if problems.is_empty() {
         println!("{}: ok", config_path.display());

@@ -70,6 +70,21 @@ impl Problem {
     }
 }
 
+/// A [`Problem`] shown as a warning: `file:line:column: warning: message`.
+pub struct Warning<'a>(pub &'a Problem);
+
+impl fmt::Display for Warning<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.0;
+        if p.line > 0 {
+            write!(f, "{}:{}:{}: ", p.file.display(), p.line, p.column)?;
+        } else {
+            write!(f, "{}: ", p.file.display())?;
+        }
+        write!(f, "warning: {}", p.message)
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line > 0 {
@@ -159,6 +174,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Whether metrics carry key ids.
     pub metrics_per_key: bool,
+    /// Settings that are allowed but probably not meant (`scopes: []`), in file order.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Deserialize)]
@@ -171,8 +188,7 @@ struct RawConfig {
     realm: Option<Spanned<String>>,
     identity_headers: Option<RawIdentity>,
     known_scopes: Option<Vec<Spanned<String>>>,
-    #[serde(default)]
-    routes: Vec<Spanned<RawRoute>>,
+    routes: Option<Spanned<Vec<Spanned<RawRoute>>>>,
     tls: Option<Spanned<RawTls>>,
     admin_listen: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
@@ -226,8 +242,8 @@ struct RawRoute {
     upstream: Option<Spanned<String>>,
     #[serde(default)]
     strip_prefix: bool,
-    #[serde(default)]
-    scopes: Vec<Spanned<String>>,
+    // Absent and `[]` differ: only `[]` admits any valid key.
+    scopes: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     public: Option<Spanned<bool>>,
@@ -467,6 +483,13 @@ impl Config {
         problems
     }
 
+    /// Logs each of [`Config::warnings`] once; serve and every reload call it.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!("{}", Warning(w));
+        }
+    }
+
     /// Reads and checks the config file (not the key file).
     pub fn load(path: &Path) -> Result<Config, Problems> {
         let text = std::fs::read_to_string(path)
@@ -701,9 +724,20 @@ fn validate(
         },
     };
 
-    let mut routes = Vec::with_capacity(raw.routes.len());
+    let raw_routes = raw.routes.as_ref().map_or(&[][..], |r| r.value.as_slice());
+    if raw_routes.is_empty() {
+        // With no route every request is a 404: a config that serves nothing is a mistake.
+        let at = raw.routes.as_ref().map_or(top, |r| r.referenced);
+        problems.push(Problem::at(
+            path,
+            at,
+            "no routes: every request would be refused with 404; add at least one route",
+        ));
+    }
+    let mut warnings = Vec::new();
+    let mut routes = Vec::with_capacity(raw_routes.len());
     let mut names: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    for r in &raw.routes {
+    for r in raw_routes {
         let loc = r.referenced;
         let r = &r.value;
         if let Some(name) = &r.name {
@@ -718,9 +752,11 @@ fn validate(
                 ));
             }
         }
-        if let Some(route) =
-            check_route(path, &base, loc, r, known_scopes.as_deref(), &mut problems)
-        {
+        let found = Found {
+            problems: &mut problems,
+            warnings: &mut warnings,
+        };
+        if let Some(route) = check_route(path, &base, loc, r, known_scopes.as_deref(), found) {
             routes.push(route);
         }
     }
@@ -748,6 +784,34 @@ fn validate(
         shutdown_grace,
         shutdown_delay,
         metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
+        warnings: Problems::sorted(warnings).0,
+    })
+}
+
+/// Where a route's check puts what it finds.
+struct Found<'a> {
+    problems: &'a mut Vec<Problem>,
+    warnings: &'a mut Vec<Problem>,
+}
+
+/// The request methods a route may list; anything else is a typo or a method no client sends.
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Reads one `methods` entry; lowercase is accepted, since a method is never case-folded later.
+fn check_method(text: &str) -> Result<Method, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    if let Some(m) = METHODS.iter().find(|m| **m == upper) {
+        return Method::from_bytes(m.as_bytes())
+            .map_err(|_| format!("invalid HTTP method {text:?}"));
+    }
+    Err(match fields::nearest_word(&upper, &METHODS) {
+        Some(near) => format!("unknown HTTP method {text:?}; did you mean `{near}`?"),
+        None => format!(
+            "unknown HTTP method {text:?}: expected one of {}",
+            METHODS.join(", ")
+        ),
     })
 }
 
@@ -757,8 +821,9 @@ fn check_route(
     loc: serde_saphyr::Location,
     r: &RawRoute,
     known_scopes: Option<&[String]>,
-    problems: &mut Vec<Problem>,
+    found: Found<'_>,
 ) -> Option<Route> {
+    let Found { problems, warnings } = found;
     let before = problems.len();
     for (field, value) in [
         ("name", &r.name),
@@ -808,16 +873,7 @@ fn check_route(
 
     let methods = r.methods.as_ref().map(|ms| {
         ms.iter()
-            .filter_map(|m| {
-                let upper = m.value.to_ascii_uppercase();
-                match Method::from_bytes(upper.as_bytes()) {
-                    Ok(method) if upper.bytes().all(|b| b.is_ascii_uppercase()) => Some(method),
-                    _ => {
-                        bad(m, format!("invalid HTTP method {:?}", m.value));
-                        None
-                    }
-                }
-            })
+            .filter_map(|m| check_method(&m.value).map_err(|e| bad(m, e)).ok())
             .collect::<Vec<_>>()
     });
     if let Some(ms) = &r.methods {
@@ -841,8 +897,9 @@ fn check_route(
             }
         });
 
-    let mut scopes = Vec::with_capacity(r.scopes.len());
-    for s in &r.scopes {
+    let listed = r.scopes.as_ref().map_or(&[][..], |s| s.value.as_slice());
+    let mut scopes = Vec::with_capacity(listed.len());
+    for s in listed {
         if let Err(e) = check_scope(&s.value) {
             problems.push(Problem::at(path, s.referenced, e));
         } else if s.value.ends_with('*') {
@@ -867,7 +924,23 @@ fn check_route(
     }
 
     let public = r.public.as_ref().is_some_and(|p| p.value);
-    if public && !r.scopes.is_empty() {
+    match &r.scopes {
+        // Forgetting `scopes` must not quietly admit every key: the open door is written out.
+        None if !public => problems.push(Problem::at(
+            path,
+            loc,
+            format!(
+                "route {route_name:?} is neither public nor lists scopes; write `scopes: []` to admit any valid key"
+            ),
+        )),
+        Some(s) if !public && s.value.is_empty() => warnings.push(Problem::at(
+            path,
+            s.referenced,
+            format!("route {route_name:?} has `scopes: []`: any valid key is let through"),
+        )),
+        _ => {}
+    }
+    if public && !listed.is_empty() {
         if let Some(p) = &r.public {
             problems.push(Problem::at(
                 path,
@@ -976,26 +1049,95 @@ mod tests {
     #[test]
     fn all_problems_reported_with_positions() {
         let err = parse(
-            "keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: ftp://x\n    timeout: soon\n  - name: a\n    path_prefix: b\n    upstream: http://127.0.0.1:1\n",
+            "keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: ftp://x\n    timeout: soon\n    scopes: []\n  - name: a\n    path_prefix: b\n    upstream: http://127.0.0.1:1\n    scopes: [x.y]\n",
         )
         .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("cfg/keygate.yaml:5:15:"), "{text}");
         assert!(text.contains("cfg/keygate.yaml:6:14:"), "{text}");
         assert!(
-            text.contains("cfg/keygate.yaml:7:11: duplicate route name"),
+            text.contains("cfg/keygate.yaml:8:11: duplicate route name"),
             "{text}"
         );
-        assert!(text.contains("cfg/keygate.yaml:8:18:"), "{text}");
+        assert!(text.contains("cfg/keygate.yaml:9:18:"), "{text}");
         assert_eq!(err.0.len(), 4, "{text}");
+    }
+
+    fn route(extra: &str) -> String {
+        format!("keys_file: k\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n{extra}")
+    }
+
+    #[test]
+    fn methods_are_the_standard_set_with_a_hint() {
+        let cfg = parse(&route(
+            "    scopes: [x.y]\n    methods: [get, PATCH, OPTIONS]\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.routes
+                .iter()
+                .next()
+                .unwrap()
+                .methods
+                .as_ref()
+                .unwrap()
+                .len(),
+            3
+        );
+        let err = parse(&route("    scopes: [x.y]\n    methods: [GET, GTE, BREW]\n")).unwrap_err();
+        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(at, vec![(7, 20), (7, 25)], "{err}");
+        assert!(err.0[0].message.contains("did you mean `GET`?"), "{err}");
+        assert!(!err.0[1].message.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_ports_are_reported_at_the_upstream_value() {
+        for port in ["0", "99999", "1a"] {
+            let text = route("    scopes: [x.y]\n").replace("x:1", &format!("x:{port}"));
+            let err = parse(&text).unwrap_err();
+            let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+            assert_eq!(at, vec![(5, 15)], "{port}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_route_table_is_an_error() {
+        let err = parse("keys_file: k\nroutes: []\n").unwrap_err();
+        assert_eq!((err.0[0].line, err.0[0].column), (2, 9), "{err}");
+        let err = parse("keys_file: k\n").unwrap_err();
+        assert_eq!((err.0[0].line, err.0[0].column), (1, 1), "{err}");
+    }
+
+    #[test]
+    fn a_protected_route_must_list_scopes_and_an_empty_list_warns() {
+        let err = parse(&route("")).unwrap_err();
+        assert_eq!((err.0[0].line, err.0[0].column), (3, 5), "{err}");
+        assert!(err.0[0].message.contains("`scopes: []`"), "{err}");
+        let err = parse(&route("    public: false\n")).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        let cfg = parse(&route("    scopes: []\n")).unwrap();
+        let at: Vec<(u64, u64)> = cfg.warnings.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(at, vec![(6, 13)], "{:?}", cfg.warnings);
+        assert!(parse(&route("    public: true\n"))
+            .unwrap()
+            .warnings
+            .is_empty());
+        assert!(parse(&route("    scopes: [x.y]\n"))
+            .unwrap()
+            .warnings
+            .is_empty());
     }
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err = parse("keys_file: k.yaml\nlisten_addr: 1\n").unwrap_err();
+        let err = parse("keys_file: k.yaml\nlisten_addr: 1\nroutes: [{name: a, path_prefix: /, upstream: 'http://a:1', public: true}]\n").unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
         assert_eq!(err.0[0].line, 2);
         let err = parse("keys_file: k.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://a:1\n    scope: [x]\n").unwrap_err();
-        assert_eq!(err.0[0].line, 6);
+        // The typo is named, and the route it leaves without scopes is refused too.
+        let at: Vec<u64> = err.0.iter().map(|p| p.line).collect();
+        assert_eq!(at, vec![3, 6], "{err}");
     }
 
     #[test]
@@ -1005,17 +1147,27 @@ mod tests {
         )
         .unwrap_err();
         let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
-        assert_eq!(at, vec![(2, 1), (6, 15), (7, 5), (8, 14), (9, 11)], "{err}");
+        // Both routes lack scopes (one by a typo): each is refused at the route.
+        assert_eq!(
+            at,
+            vec![(2, 1), (4, 5), (6, 15), (7, 5), (8, 14), (9, 5), (9, 11)],
+            "{err}"
+        );
         assert!(err.0[0].message.contains("`listen`"), "{err}");
-        assert!(err.0[2].message.contains("`scopes`"), "{err}");
+        assert!(err.0[3].message.contains("`scopes`"), "{err}");
     }
 
     #[test]
     fn missing_required_fields_do_not_hide_other_problems() {
         let err = parse("routes:\n  - name: a\n    timeout: soon\n    bogus: 1\n").unwrap_err();
         let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
-        // keys_file at the document, path_prefix and upstream at the route, then timeout, bogus.
-        assert_eq!(at, vec![(1, 1), (2, 5), (2, 5), (3, 14), (4, 5)], "{err}");
+        // keys_file at the document, path_prefix, upstream and scopes at the route, then
+        // timeout, bogus.
+        assert_eq!(
+            at,
+            vec![(1, 1), (2, 5), (2, 5), (2, 5), (3, 14), (4, 5)],
+            "{err}"
+        );
     }
 
     /// The field list serde derived for `T`, read by a deserializer that only records it.
@@ -1089,7 +1241,7 @@ mod tests {
         assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert!(parse_size("ten").is_err());
-        let cfg = parse("keys_file: k\nlimits:\n  max_header_bytes: 8KiB\n  idle_timeout: 2s\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    max_body: 1024\n").unwrap();
+        let cfg = parse("keys_file: k\nlimits:\n  max_header_bytes: 8KiB\n  idle_timeout: 2s\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    max_body: 1024\n    scopes: []\n").unwrap();
         assert_eq!(cfg.limits.max_header_bytes, 8192);
         assert_eq!(cfg.routes.iter().next().unwrap().max_body, Some(1024));
     }

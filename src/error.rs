@@ -56,7 +56,7 @@ impl GatewayError {
             ),
             GatewayError::NoRoute => (StatusCode::NOT_FOUND, "no_route", GrpcStatus::Unimplemented),
             GatewayError::Auth(a) => match a {
-                AuthError::Missing => (
+                AuthError::Missing(_) => (
                     StatusCode::UNAUTHORIZED,
                     "missing_api_key",
                     GrpcStatus::Unauthenticated,

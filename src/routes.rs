@@ -100,6 +100,16 @@ impl Upstream {
         if authority.as_str().contains('@') {
             return Err(bad("credentials in the URL are not supported"));
         }
+        // `http::Uri` takes any digits (and more) after the colon and only `port_u16` fails,
+        // so an out-of-range port would surface as a connect error at the first request.
+        if let Some(port) = authority.as_str().strip_prefix(authority.host()) {
+            match port.strip_prefix(':').map(str::parse::<u16>) {
+                None => {}
+                Some(Ok(0)) => return Err(bad("port 0 cannot be connected to")),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return Err(bad("the port must be a number from 1 to 65535")),
+            }
+        }
         if uri.query().is_some() {
             return Err(bad("a query string is not allowed"));
         }
@@ -343,6 +353,23 @@ mod tests {
         assert!(Upstream::parse("ftp://x").is_err());
         assert!(Upstream::parse("127.0.0.1:80").is_err());
         assert!(Upstream::parse("http://u:p@x").is_err());
+        assert_eq!(
+            Upstream::parse("http://[::1]:65535")
+                .unwrap()
+                .authority
+                .port_u16(),
+            Some(65535)
+        );
+        for bad in [
+            "http://localhost:99999",
+            "http://localhost:0",
+            "http://localhost:",
+            "http://localhost:1a",
+            "h2c://[::1]:70000",
+            "https://x:-1",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

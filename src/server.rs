@@ -571,7 +571,7 @@ struct Trace {
 fn outcome_of(err: &GatewayError) -> AuthOutcome {
     match err {
         GatewayError::Auth(a) => match a {
-            AuthError::Missing => AuthOutcome::Missing,
+            AuthError::Missing(_) => AuthOutcome::Missing,
             AuthError::Invalid => AuthOutcome::Invalid,
             AuthError::Expired => AuthOutcome::Expired,
             AuthError::Revoked => AuthOutcome::Revoked,

@@ -255,6 +255,20 @@ fn closest<'a>(name: &str, names: &[&'a str]) -> Option<&'a str> {
         .map(|(_, n)| n)
 }
 
+/// The word a short token (an HTTP method) most likely meant, by edit distance.
+///
+/// Jaro-Winkler scores `GTE` against `GET` at 0.6, too far for [`closest`]; counting edits,
+/// a swap of two letters is one, which is the typo a short word gets.
+pub(crate) fn nearest_word<'a>(word: &str, words: &[&'a str]) -> Option<&'a str> {
+    let allowed = (word.len() / 3).max(1);
+    words
+        .iter()
+        .map(|w| (strsim::osa_distance(word, w), *w))
+        .filter(|(d, _)| *d <= allowed)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, w)| w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,5 +324,15 @@ mod tests {
         assert_eq!(closest("scope", &names), Some("scopes"));
         assert_eq!(closest("keysfile", &names), Some("keys_file"));
         assert_eq!(closest("zebra", &names), None);
+    }
+
+    #[test]
+    fn near_words() {
+        let methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+        assert_eq!(nearest_word("GTE", &methods), Some("GET"));
+        assert_eq!(nearest_word("DELTE", &methods), Some("DELETE"));
+        assert_eq!(nearest_word("OPTINOS", &methods), Some("OPTIONS"));
+        assert_eq!(nearest_word("PSOT", &methods), Some("POST"));
+        assert_eq!(nearest_word("BREW", &methods), None);
     }
 }

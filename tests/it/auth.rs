@@ -15,7 +15,7 @@ async fn setup(keys: &[&TestKey]) -> (Upstream, Gateway) {
             &up.url(),
             "    scopes: [yc.ydb.tables.manage]\n"
         ),
-        route("any", "/any/", &up.url(), ""),
+        route("any", "/any/", &up.url(), "    scopes: []\n"),
     );
     let gw = Gateway::start(&routes, keys).await;
     (up, gw)
@@ -61,6 +61,41 @@ async fn missing_key_is_401_with_www_authenticate() {
     assert!(r.json()["message"].as_str().is_some());
     let r = get(gw.addr, "/postbox/x", &["Authorization: Bearer abc"]).await;
     assert_eq!(r.code(), "missing_api_key");
+    assert_eq!(up.count(), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn another_scheme_is_named_in_the_401_but_never_the_credential() {
+    let k = TestKey::new("k1", "sa", &["yc.postbox.send"]);
+    let (up, gw) = setup(&[&k]).await;
+    let message = |r: &Reply| r.json()["message"].as_str().unwrap().to_string();
+    // A real key under the wrong scheme: the message says which scheme came and which one fits.
+    let r = get(
+        gw.addr,
+        "/postbox/x",
+        &[&format!("Authorization: Bearer {}", k.secret)],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.code(), "missing_api_key");
+    let text = message(&r);
+    assert!(text.contains("`Bearer`"), "{text}");
+    assert!(text.contains("Api-Key"), "{text}");
+    // Client text that is not a short token is not repeated; the credential never is.
+    let long = "S".repeat(40);
+    for (auth, hidden) in [
+        (format!("Bearer {}", k.secret), k.secret.as_str()),
+        (format!("{long} {}", k.secret), long.as_str()),
+        (format!("Bear_er {}", k.secret), "Bear_er"),
+        (k.secret.clone(), k.secret.as_str()),
+    ] {
+        let r = get(gw.addr, "/postbox/x", &[&format!("Authorization: {auth}")]).await;
+        assert_eq!(r.code(), "missing_api_key", "{auth}");
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(!body.contains(hidden), "{body}");
+        assert!(!body.contains(&k.secret[3..20]), "{body}");
+    }
     assert_eq!(up.count(), 0);
     gw.stop().await;
 }
@@ -203,7 +238,7 @@ async fn scope_wildcards() {
     assert_eq!(call(&ydb, "/postbox/x").await, 403);
     assert_eq!(call(&near, "/ydb/x").await, 403);
     assert_eq!(call(&near, "/postbox/x").await, 403);
-    // A route without scopes takes any valid key.
+    // A route with `scopes: []` takes any valid key.
     assert_eq!(call(&near, "/any/x").await, 200);
     gw.stop().await;
 }

@@ -72,7 +72,7 @@ fn validate_lists_every_problem_with_positions() {
     let dir = tempfile::tempdir().unwrap();
     write(
         &dir.path().join("keygate.yaml"),
-        "keys_file: keys.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: nope://x\n  - name: a\n    path_prefix: /b\n    upstream: http://127.0.0.1:1\n    timeout: forever\n",
+        "keys_file: keys.yaml\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: nope://x\n    scopes: []\n  - name: a\n    path_prefix: /b\n    upstream: http://127.0.0.1:1\n    timeout: forever\n    scopes: []\n",
     );
     write(&dir.path().join("keys.yaml"), "keys: []\n");
     let cfg = dir.path().join("keygate.yaml");
@@ -87,13 +87,13 @@ fn validate_lists_every_problem_with_positions() {
     assert_eq!(lines.len(), 3, "{text}");
     let c = cfg.display().to_string();
     assert!(lines[0].starts_with(&format!("{c}:5:15: ")), "{text}");
-    assert!(lines[1].starts_with(&format!("{c}:6:11: ")), "{text}");
-    assert!(lines[2].starts_with(&format!("{c}:9:14: ")), "{text}");
+    assert!(lines[1].starts_with(&format!("{c}:7:11: ")), "{text}");
+    assert!(lines[2].starts_with(&format!("{c}:10:14: ")), "{text}");
 
     // A bad key file is reported against the key file.
     write(
         &dir.path().join("keygate.yaml"),
-        "keys_file: keys.yaml\nroutes: []\n",
+        "keys_file: keys.yaml\nroutes: [{name: a, path_prefix: /, upstream: 'http://127.0.0.1:1', public: true}]\n",
     );
     write(
         &dir.path().join("keys.yaml"),
@@ -126,7 +126,7 @@ async fn serve_takes_config_from_env_and_rejects_a_bad_one() {
         &dir.path().join("gw.yaml"),
         &format!(
             "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\nroutes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         ),
     );
     let mut p = Proc(

@@ -62,7 +62,7 @@ async fn custom_identity_header_names() {
     let k = TestKey::new("kid", "ksa", &[]);
     let gw = Gateway::start_with(
         "identity_headers:\n  key_id: X-Caller-Key\n  service_account: X-Caller\n",
-        &route("api", "/api/", &up.url(), ""),
+        &route("api", "/api/", &up.url(), "    scopes: []\n"),
         &[&k],
     )
     .await;

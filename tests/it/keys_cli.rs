@@ -257,7 +257,7 @@ fn bad_inputs_give_one_line_and_nonzero_exit() {
     write(&dir.path().join("keys.yaml"), "keys: []\n");
     write(
         &dir.path().join("keygate.yaml"),
-        "keys_file: keys.yaml\nknown_scopes: [yc.postbox.send, yc.ydb.tables.manage]\nroutes: []\n",
+        "keys_file: keys.yaml\nknown_scopes: [yc.postbox.send, yc.ydb.tables.manage]\nroutes: [{name: a, path_prefix: /, upstream: 'http://127.0.0.1:1', public: true}]\n",
     );
     let cfg = dir.path().join("keygate.yaml");
     let cases: Vec<(Vec<&str>, Option<&str>)> = vec![

@@ -31,7 +31,12 @@ async fn header_and_body_limits() {
     let k = TestKey::new("k", "sa", &[]);
     let gw = Gateway::start_with(
         "limits:\n  max_header_bytes: 4KiB\n",
-        &route("small", "/small/", &up.url(), "    max_body: 1KiB\n"),
+        &route(
+            "small",
+            "/small/",
+            &up.url(),
+            "    max_body: 1KiB\n    scopes: []\n",
+        ),
         &[&k],
     )
     .await;

@@ -69,7 +69,12 @@ async fn grpc_unary_streaming_trailers_and_native_errors() {
         "{}{}{}",
         route("echo", "/test.Echo/", &up, "    scopes: [grpc.call]\n"),
         route("admin", "/admin.Svc/", &up, "    scopes: [grpc.admin]\n"),
-        route("down", "/down.Svc/", &format!("h2c://{dead}"), ""),
+        route(
+            "down",
+            "/down.Svc/",
+            &format!("h2c://{dead}"),
+            "    scopes: []\n"
+        ),
     );
     let admin = crate::cli::free_port();
     let gw = Gateway::start_with(

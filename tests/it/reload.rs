@@ -17,7 +17,7 @@ async fn becomes(gw: &Gateway, path: &str, k: &TestKey, want: u16) -> bool {
 
 async fn setup(keys: &[&TestKey]) -> (Upstream, Gateway) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(&route("api", "/api/", &up.url(), ""), keys).await;
+    let gw = Gateway::start(&route("api", "/api/", &up.url(), "    scopes: []\n"), keys).await;
     (up, gw)
 }
 
@@ -73,7 +73,7 @@ async fn kubernetes_data_symlink_swap_is_picked_up() {
         &d.join("keygate.yaml"),
         &format!(
             "keys_file: keys.yaml\nroutes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         ),
     );
     let gw = Gateway::start_in(dir).await;
@@ -144,8 +144,8 @@ async fn config_changes_reload_routes_and_bad_config_keeps_old() {
     assert_eq!(status(&gw, "/new/x", &a).await, 404);
     let good = format!(
         "keys_file: keys.yaml\nroutes:\n{}{}",
-        route("api", "/api/", &up.url(), ""),
-        route("new", "/new/", &up.url(), "")
+        route("api", "/api/", &up.url(), "    scopes: []\n"),
+        route("new", "/new/", &up.url(), "    scopes: []\n")
     );
     write(&gw.path("keygate.yaml"), &good);
     assert!(becomes(&gw, "/new/x", &a, 200).await);
@@ -231,7 +231,7 @@ async fn file_rewritten_in_place_in_pieces_is_taken_only_once_complete() {
         &dir.path().join("keygate.yaml"),
         &format!(
             "keys_file: keys.yaml\nroutes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         ),
     );
     let gw = Gateway::start_in(dir).await;
@@ -319,7 +319,7 @@ async fn restart_only_settings_are_named_when_changed() {
     let config = |extra: &str| {
         format!(
             "listen: 127.0.0.1:{port}\nkeys_file: keys.yaml\n{extra}routes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         )
     };
     let cfg = dir.path().join("keygate.yaml");

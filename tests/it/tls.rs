@@ -21,7 +21,7 @@ async fn tls_gateway(ca: &Ca, leaf: &Leaf, up: &Upstream, k: &TestKey) -> Gatewa
         &dir.path().join("keygate.yaml"),
         &format!(
             "keys_file: keys.yaml\ntls:\n  cert: tls/cert.pem\n  key: tls/key.pem\nroutes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         ),
     );
     Gateway::start_in_tls(dir).await
@@ -162,13 +162,13 @@ async fn https_upstream_verified_with_route_ca_file() {
                 "good",
                 "/good/",
                 &format!("https://127.0.0.1:{port}"),
-                "    ca_file: ca.pem\n    tls_server_name: localhost\n"
+                "    ca_file: ca.pem\n    tls_server_name: localhost\n    scopes: []\n"
             ),
             route(
                 "untrusted",
                 "/bad/",
                 &format!("https://127.0.0.1:{port}"),
-                "    tls_server_name: localhost\n"
+                "    tls_server_name: localhost\n    scopes: []\n"
             ),
         ),
     );
