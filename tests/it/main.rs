@@ -9,6 +9,7 @@ mod faults;
 mod forwarding;
 mod hostile;
 mod keys_cli;
+mod ops;
 mod paths;
 mod production;
 mod protocols;
