@@ -20,8 +20,10 @@ use crate::tls::CertResolver;
 
 mod complaint;
 mod settle;
+mod watch;
 use complaint::{Complaints, File};
 use settle::{settle, Look, Settled};
+use watch::{relevant, watch_dirs, watched_files};
 
 /// Everything one request needs, immutable; requests keep the one they started with.
 pub struct Snapshot {
@@ -384,44 +386,6 @@ fn rejected_lines(problems: &Problems) -> Vec<String> {
         .iter()
         .map(|p| format!("{p} (rejected; the last good version keeps serving)"))
         .collect()
-}
-
-fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&'a Path> {
-    let c = &snapshot.config;
-    let tls = c
-        .tls
-        .iter()
-        .flat_map(|t| [t.cert.as_path(), t.key.as_path()]);
-    [config_path, c.keys_file.as_path()]
-        .into_iter()
-        .chain(tls)
-        .collect()
-}
-
-fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
-    watched_files(config_path, snapshot)
-        .into_iter()
-        .map(|p| match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        })
-        .collect()
-}
-
-/// Names whose changes matter: the watched files themselves, and Kubernetes' `..data` and
-/// timestamped `..2026_...` entries (the symlink swap shows up only as those). Opening or
-/// reading is no change, and reload's own reads would otherwise wake it again and again.
-fn relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    if let EventKind::Access(a) = event.kind {
-        if a != AccessKind::Close(AccessMode::Write) {
-            return false;
-        }
-    }
-    event.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
-    })
 }
 
 /// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
