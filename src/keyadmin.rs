@@ -14,6 +14,9 @@ use crate::keyfile::{self, KeyFileError};
 use crate::keys::{self, KeyRecord};
 use crate::state;
 
+mod rotate;
+pub use rotate::RotateArgs;
+
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -74,13 +77,7 @@ pub enum KeysCommand {
         id: String,
     },
     /// Reissue a key; the old one expires after the grace period (or is revoked now).
-    Rotate {
-        /// Key id.
-        id: String,
-        /// How long the old key keeps working, e.g. 24h.
-        #[arg(long)]
-        grace: Option<String>,
-    },
+    Rotate(RotateArgs),
     /// Read one key from stdin and print its sha256: hash line.
     Hash,
     /// Add an entry for a key issued elsewhere, by hash.
@@ -444,52 +441,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             }
             Ok(())
         }
-        KeysCommand::Rotate { id, grace } => {
-            let grace = match grace {
-                Some(g) => {
-                    let d = crate::config::parse_duration(g)
-                        .map_err(|e| usage(format!("--grace: {e}")))?;
-                    Some(time::Duration::try_from(d).map_err(|_| usage("--grace: too long"))?)
-                }
-                None => None,
-            };
-            let key =
-                keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
-            let rec = keyfile::update(&t.keys_file, |records| {
-                let old = records
-                    .iter_mut()
-                    .find(|r| &r.id == id)
-                    .ok_or_else(|| format!("no key with id {id:?}"))?;
-                let fresh = KeyRecord {
-                    id: String::new(),
-                    hash: keys::digest(key.as_bytes()),
-                    service_account: old.service_account.clone(),
-                    scopes: old.scopes.clone(),
-                    description: old.description.clone(),
-                    created_at: Some(now),
-                    expires_at: old.expires_at,
-                    revoked_at: None,
-                };
-                match grace {
-                    Some(g) => {
-                        let until = now.checked_add(g).ok_or("--grace: too long")?;
-                        old.expires_at = Some(old.expires_at.map_or(until, |e| e.min(until)));
-                    }
-                    None => {
-                        old.revoked_at.get_or_insert(now);
-                    }
-                }
-                let fresh = KeyRecord {
-                    id: new_id(records).map_err(|f| f.message)?,
-                    ..fresh
-                };
-                records.push(fresh.clone());
-                Ok(fresh)
-            })?
-            .map_err(failure)?;
-            print_issued(args.output, &rec, &key, Some(id));
-            Ok(())
-        }
+        KeysCommand::Rotate(r) => rotate::run(args.output, &t, now, r),
     }
 }
 

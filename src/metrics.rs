@@ -7,8 +7,14 @@ use std::sync::OnceLock;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::keys::KeyStore;
 use crate::reload::{ReloadStats, Snapshot};
 use crate::routes::RouteTable;
+
+mod process;
+
+/// How far ahead `keygate_keys_expiring` looks, and its `within` label.
+const EXPIRING_WITHIN: (i64, &str) = (7 * 86_400, "7d");
 
 static META: Metadata<'static> = Metadata::new("keygate", Level::INFO, Some("keygate"));
 
@@ -75,6 +81,9 @@ pub struct Metrics {
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
     keys_loaded: Gauge,
+    /// Keys by status: active, expired, revoked.
+    keys_by_status: [Gauge; 3],
+    keys_expiring: Gauge,
     reloads: [Counter; 6],
     /// Requests refused before a route was chosen.
     pub unrouted: RouteStats,
@@ -130,6 +139,31 @@ impl Metrics {
             None,
             "Keys in the current snapshot.".into(),
         );
+        recorder.describe_gauge(
+            "keygate_keys".into(),
+            None,
+            "Keys in the current snapshot by status, as of the scrape.".into(),
+        );
+        recorder.describe_gauge(
+            "keygate_keys_expiring".into(),
+            None,
+            "Active keys that expire within the labelled time.".into(),
+        );
+        recorder.describe_gauge(
+            "keygate_build_info".into(),
+            None,
+            "Always 1; the version label names the running build.".into(),
+        );
+        let gauge = |name: &'static str, label: &'static str, value: &'static str| {
+            recorder.register_gauge(
+                &Key::from_parts(name, vec![Label::new(label, value)]),
+                &META,
+            )
+        };
+        let keys_by_status =
+            ["active", "expired", "revoked"].map(|s| gauge("keygate_keys", "status", s));
+        let keys_expiring = gauge("keygate_keys_expiring", "within", EXPIRING_WITHIN.1);
+        gauge("keygate_build_info", "version", env!("CARGO_PKG_VERSION")).set(1.0);
         let reload = |file: &'static str, result: &'static str| {
             recorder.register_counter(
                 &Key::from_parts(
@@ -159,6 +193,8 @@ impl Metrics {
             active_connections,
             access_log_dropped,
             keys_loaded,
+            keys_by_status,
+            keys_expiring,
             reloads,
         };
         m.unrouted = m.route_stats("");
@@ -252,6 +288,10 @@ impl Metrics {
     /// Prometheus text exposition of everything.
     pub fn render(&self, snapshot: &Snapshot, reloads: &ReloadStats) -> String {
         self.keys_loaded.set(snapshot.keys.len() as f64);
+        self.count_keys(
+            &snapshot.keys,
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        );
         let values = [
             &reloads.config_ok,
             &reloads.config_err,
@@ -263,7 +303,34 @@ impl Metrics {
         for (counter, value) in self.reloads.iter().zip(values) {
             counter.absolute(value.load(Ordering::Relaxed));
         }
-        self.handle.render()
+        let mut out = self.handle.render();
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        process::render(&process::sample(), &mut out);
+        out
+    }
+
+    /// Sets the key gauges; expiry moves with the clock, so this runs at every scrape.
+    fn count_keys(&self, keys: &KeyStore, now: i64) {
+        let (mut counts, mut expiring) = ([0u64; 3], 0u64);
+        for k in keys.entries() {
+            let status = if k.revoked {
+                2
+            } else if k.expires_at.is_some_and(|t| now >= t) {
+                1
+            } else {
+                if k.expires_at.is_some_and(|t| t - now <= EXPIRING_WITHIN.0) {
+                    expiring += 1;
+                }
+                0
+            };
+            counts[status] += 1;
+        }
+        for (g, n) in self.keys_by_status.iter().zip(counts) {
+            g.set(n as f64);
+        }
+        self.keys_expiring.set(expiring as f64);
     }
 
     /// Folds recorded histogram samples; call every few seconds.

@@ -18,8 +18,12 @@ use crate::keys::{self, KeyStore};
 use crate::metrics::{Metrics, RouteStats};
 use crate::tls::CertResolver;
 
+mod complaint;
 mod settle;
+mod watch;
+use complaint::{Complaints, File};
 use settle::{settle, Look, Settled};
+use watch::{relevant, watch_dirs, watched_files};
 
 /// Everything one request needs, immutable; requests keep the one they started with.
 pub struct Snapshot {
@@ -124,6 +128,7 @@ fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
 pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerprints), Problems> {
     let (text, config_hash) = read(config_path, "config")?;
     let config = Config::parse(config_path, &text)?;
+    config.log_warnings();
     let (keys_text, keys_hash) =
         read(&config.keys_file, "key file").map_err(|p| config.locate_key_file_problems(p))?;
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
@@ -149,12 +154,12 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
 
 /// One reload pass: re-reads whatever changed and swaps if it is valid. A file is taken only
 /// once it has stayed identical for [`settle::QUIET`]; returns false when something was still
-/// changing, and the caller runs another pass.
-pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) -> bool {
+/// changing, and the caller runs another pass. Rejections are logged through `said`.
+pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -> bool {
     let old = r.current.load_full();
     let mut settled = true;
     let mut changed = false;
-    let (config, parts) = match reload_config(r, fp, &old.config) {
+    let (config, parts) = match reload_config(r, fp, &old.config, said) {
         Settled::Ready(new) => {
             changed = true;
             (new.0, new.1)
@@ -167,7 +172,7 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) -> bool {
             )
         }
     };
-    let keys = match reload_keys(r, fp, &config, &old.keys) {
+    let keys = match reload_keys(r, fp, &config, &old.keys, said) {
         Settled::Ready(k) => {
             changed = true;
             k
@@ -177,7 +182,7 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) -> bool {
             old.keys.clone()
         }
     };
-    settled &= reload_tls(r, fp, &config);
+    settled &= reload_tls(r, fp, &config, said);
     if changed {
         r.current.store(Arc::new(Snapshot {
             config,
@@ -192,7 +197,12 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints) -> bool {
 type ConfigParts = (Arc<Config>, (Arc<Forwarder>, Arc<Vec<RouteStats>>));
 
 /// The config file, once settled and valid; `Unchanged` also covers a rejected file.
-fn reload_config(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> Settled<ConfigParts> {
+fn reload_config(
+    r: &Reloader,
+    fp: &mut Fingerprints,
+    config: &Config,
+    said: &mut Complaints,
+) -> Settled<ConfigParts> {
     let (path, stats) = (r.config_path.as_path(), &r.stats);
     let look = match settle(
         || Look::take(path, "config"),
@@ -220,12 +230,14 @@ fn reload_config(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> Settle
     match parsed {
         Ok((new, parts)) => {
             warn_restart_only(config, &new);
+            new.log_warnings();
+            said.accepted(File::Config, path);
             tracing::info!(file = %path.display(), routes = new.routes.len(), "config reloaded");
             stats.config_ok.fetch_add(1, Ordering::Relaxed);
             Settled::Ready((Arc::new(new), parts))
         }
         Err(problems) => {
-            log_rejected(&problems);
+            said.rejected(File::Config, rejected_lines(&problems));
             stats.config_err.fetch_add(1, Ordering::Relaxed);
             Settled::Unchanged
         }
@@ -269,6 +281,7 @@ fn reload_keys(
     fp: &mut Fingerprints,
     config: &Config,
     old: &Arc<KeyStore>,
+    said: &mut Complaints,
 ) -> Settled<Arc<KeyStore>> {
     let (path, stats) = (config.keys_file.as_path(), &r.stats);
     let same_file = *path == fp.keys_path;
@@ -297,13 +310,14 @@ fn reload_keys(
     match parsed {
         Ok(records) => {
             let keys = Arc::new(KeyStore::build(&records, Some(old)));
+            said.accepted(File::Keys, path);
             tracing::info!(file = %path.display(), keys = keys.len(), "key file reloaded");
             fp.keys_path = path.to_path_buf();
             stats.keys_ok.fetch_add(1, Ordering::Relaxed);
             Settled::Ready(keys)
         }
         Err(problems) => {
-            log_rejected(&problems);
+            said.rejected(File::Keys, rejected_lines(&problems));
             stats.keys_err.fetch_add(1, Ordering::Relaxed);
             Settled::Unchanged
         }
@@ -311,7 +325,7 @@ fn reload_keys(
 }
 
 /// The listener's certificate and key, once both files have settled; false while changing.
-fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> bool {
+fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config, said: &mut Complaints) -> bool {
     let (Some(resolver), Some(files)) = (&r.tls, &config.tls) else {
         return true;
     };
@@ -334,13 +348,19 @@ fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config) -> bool {
     match loaded {
         Ok(pair) => {
             resolver.swap(pair);
+            said.accepted(File::Tls, &files.cert);
             tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
             r.stats.tls_ok.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
             // Two separate writes (cert, then key) may settle in a mismatched state: it is
             // refused, and the matching pair is taken once complete.
-            tracing::error!("{e} (rejected; the current certificate keeps serving)");
+            said.rejected(
+                File::Tls,
+                vec![format!(
+                    "{e} (rejected; the current certificate keeps serving)"
+                )],
+            );
             r.stats.tls_err.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -362,41 +382,12 @@ fn warn_if_exposed(path: &Path) {
     }
 }
 
-fn log_rejected(problems: &Problems) {
-    for p in &problems.0 {
-        tracing::error!("{p} (rejected; the last good version keeps serving)");
-    }
-}
-
-fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&'a Path> {
-    let c = &snapshot.config;
-    let tls = c
-        .tls
+fn rejected_lines(problems: &Problems) -> Vec<String> {
+    problems
+        .0
         .iter()
-        .flat_map(|t| [t.cert.as_path(), t.key.as_path()]);
-    [config_path, c.keys_file.as_path()]
-        .into_iter()
-        .chain(tls)
+        .map(|p| format!("{p} (rejected; the last good version keeps serving)"))
         .collect()
-}
-
-fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
-    watched_files(config_path, snapshot)
-        .into_iter()
-        .map(|p| match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        })
-        .collect()
-}
-
-/// Names whose changes matter: the watched files themselves, and Kubernetes' `..data` and
-/// timestamped `..2026_...` entries (the symlink swap shows up only as those).
-fn relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
-    event.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
-    })
 }
 
 /// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
@@ -449,13 +440,26 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut recheck = tokio::time::interval(RECHECK_EVERY);
     recheck.tick().await;
+    let mut said = Complaints::default();
+    // A broken file is retried (a missing one may come back without an event the watcher
+    // sees), at a backing-off pace so a long outage costs few reads and fewer log lines.
+    let mut retry = complaint::RETRY_FIRST;
     loop {
+        let failing = said.failing();
         tokio::select! {
-            got = rx.recv() => if got.is_none() { return },
+            got = rx.recv() => {
+                if got.is_none() { return }
+                retry = complaint::RETRY_FIRST;
+            }
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading");
+                said.remind_next();
+                retry = complaint::RETRY_FIRST;
             }
             _ = recheck.tick() => {}
+            _ = tokio::time::sleep(retry), if failing => {
+                retry = (retry * 2).min(complaint::RETRY_MAX);
+            }
         }
         tokio::time::sleep(DEBOUNCE).await;
         // Pass after pass while a file keeps changing: each pass spends one quiet period, so
@@ -464,16 +468,17 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
         let mut told = false;
         loop {
             while rx.try_recv().is_ok() {}
-            let (r, mut f) = (reloader.clone(), fp.clone());
+            let (r, mut f, mut s) = (reloader.clone(), fp.clone(), said.clone());
             let done = tokio::task::spawn_blocking(move || {
-                let settled = reload_once(&r, &mut f);
-                (f, settled)
+                let settled = reload_once(&r, &mut f, &mut s);
+                (f, s, settled)
             })
             .await;
             rewatch(&mut watcher, &current.load());
             match done {
-                Ok((f, settled)) => {
+                Ok((f, s, settled)) => {
                     fp = f;
+                    said = s;
                     if settled {
                         break;
                     }
@@ -488,6 +493,9 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
                     settle::QUIET
                 );
             }
+        }
+        if !said.failing() {
+            retry = complaint::RETRY_FIRST;
         }
     }
 }

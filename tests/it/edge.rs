@@ -649,24 +649,44 @@ async fn changed_timeouts_apply_to_new_connections() {
 async fn cancelled_requests_are_logged_as_499() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
     write(&dir.path().join("keys.yaml"), &key_file(&[]));
-    write(
-        &dir.path().join("keygate.yaml"),
-        &format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nkeys_file: keys.yaml\nroutes:\n{}",
-            route("slow", "/", &up.url(), "    public: true\n")
-        ),
-    );
-    let mut child = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("keygate.yaml"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut p = crate::cli::Proc(child);
+    // Free ports are picked, then bound by the child: another test can take one in between,
+    // so a child that exits at once is started again on new ports.
+    let (mut p, stdout, port, admin) = loop {
+        let (port, admin) = (free_port(), free_port());
+        write(
+            &dir.path().join("keygate.yaml"),
+            &format!(
+                "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nkeys_file: keys.yaml\nroutes:\n{}",
+                route("slow", "/", &up.url(), "    public: true\n")
+            ),
+        );
+        let mut child = std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(dir.path().join("keygate.yaml"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut p = crate::cli::Proc(child);
+        let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        let mut up_and_ours = false;
+        for _ in 0..400 {
+            if p.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            if TcpStream::connect(admin_addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                up_and_ours = p.0.try_wait().unwrap().is_none();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if up_and_ours {
+            break (p, stdout, port, admin);
+        }
+    };
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     crate::cli::wait_listening(addr).await;

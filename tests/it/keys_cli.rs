@@ -458,3 +458,131 @@ fn rewrite_that_would_lock_the_owner_out_fails() {
         .collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
 }
+
+/// A key file entry written by hand, with times relative to now.
+fn entry_at(
+    id: &str,
+    created: time::Duration,
+    expires: Option<time::Duration>,
+    extra: &str,
+) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let at = |d: time::Duration| keygate::keys::format_time(now + d);
+    let expires = expires.map_or(String::new(), |d| format!("    expires_at: {}\n", at(d)));
+    format!(
+        "  - id: {id}\n    hash: {}\n    service_account: sa-{id}\n    scopes: [a.b, c.d]\n    created_at: {}\n{expires}{extra}",
+        keygate::keys::hash_line(keygate::keys::generate().unwrap().as_bytes()),
+        at(created),
+    )
+}
+
+fn record<'a>(rows: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap()
+}
+
+fn seconds_from_now(rfc3339: &serde_json::Value) -> i64 {
+    let t = keygate::keys::parse_time(rfc3339.as_str().unwrap()).unwrap();
+    (t - time::OffsetDateTime::now_utc()).whole_seconds()
+}
+
+#[test]
+fn rotating_a_revoked_key_needs_reissue_and_leaves_the_entry_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.yaml");
+    let day = time::Duration::days(1);
+    let revoked = "    revoked_at: 2026-01-02T00:00:00Z\n";
+    write(
+        &file,
+        &format!(
+            "keys:\n{}",
+            entry_at("leaked", -day, Some(day * 30), revoked)
+        ),
+    );
+    let before = std::fs::read_to_string(&file).unwrap();
+
+    let out = keys_at(&file, &["rotate", "leaked"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keys rotate leaked --reissue"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+
+    let out = keys_at(
+        &file,
+        &[
+            "rotate",
+            "leaked",
+            "--reissue",
+            "--grace",
+            "1h",
+            "--output",
+            "json",
+        ],
+    );
+    let fresh: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(fresh["scopes"], serde_json::json!(["a.b", "c.d"]));
+    assert_eq!(fresh["replaces"], "leaked");
+    let rows: serde_json::Value =
+        serde_json::from_str(&ok(&keys_at(&file, &["list", "--output", "json"]))).unwrap();
+    let old = record(&rows, "leaked");
+    assert_eq!(old["status"], "revoked");
+    assert_eq!(old["revoked_at"], "2026-01-02T00:00:00Z");
+    // The entry keeps its own expiry (31 days of lifetime, 30 left), not the grace period.
+    assert!(seconds_from_now(&old["expires_at"]) > 29 * 86_400);
+    let new = record(&rows, fresh["id"].as_str().unwrap());
+    assert_eq!(new["status"], "active");
+    // The lifetime (31 days) is counted from now.
+    let left = seconds_from_now(&new["expires_at"]);
+    assert!((31 * 86_400 - 120..=31 * 86_400).contains(&left), "{left}");
+}
+
+#[test]
+fn rotation_counts_the_old_lifetime_from_now_and_refuses_expired_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.yaml");
+    let (day, minute) = (time::Duration::days(1), time::Duration::minutes(1));
+    write(
+        &file,
+        &format!(
+            "keys:\n{}{}",
+            entry_at("dying", -day * 90 + minute, Some(minute), ""),
+            entry_at("dead", -day * 90, Some(-minute), "")
+        ),
+    );
+    let out = keys_at(
+        &file,
+        &["rotate", "dying", "--grace", "10m", "--output", "json"],
+    );
+    let fresh: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let left = seconds_from_now(&fresh["expires_at"]);
+    assert!((90 * 86_400 - 120..=90 * 86_400).contains(&left), "{left}");
+
+    let before = std::fs::read_to_string(&file).unwrap();
+    let out = keys_at(&file, &["rotate", "dead"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--expires-in"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+
+    let out = keys_at(
+        &file,
+        &["rotate", "dead", "--no-expiry", "--expires-in", "1d"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+
+    let out = keys_at(
+        &file,
+        &["rotate", "dead", "--expires-in", "30d", "--output", "json"],
+    );
+    let fresh: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let left = seconds_from_now(&fresh["expires_at"]);
+    assert!((30 * 86_400 - 120..=30 * 86_400).contains(&left), "{left}");
+    let id = fresh["id"].as_str().unwrap().to_string();
+    let out = keys_at(&file, &["rotate", &id, "--no-expiry", "--output", "json"]);
+    let fresh: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert!(fresh["expires_at"].is_null(), "{fresh}");
+}

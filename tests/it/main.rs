@@ -10,6 +10,7 @@ mod forwarding;
 mod hostile;
 mod keys_cli;
 mod observability;
+mod ops;
 mod paths;
 mod production;
 mod protocols;

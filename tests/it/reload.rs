@@ -380,3 +380,100 @@ async fn restart_only_settings_are_named_when_changed() {
     );
     child.term();
 }
+
+async fn reloads(admin: std::net::SocketAddr, result: &str) -> u64 {
+    let body = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap_or_default();
+    let want = format!("keygate_reloads_total{{file=\"keys\",result=\"{result}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_key_file_gone_for_three_seconds_is_logged_once_and_retried() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (crate::cli::free_port(), crate::cli::free_port());
+    let keys = dir.path().join("keys.yaml");
+    write(&keys, "keys: []\n");
+    let cfg = dir.path().join("keygate.yaml");
+    write(
+        &cfg,
+        &format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nkeys_file: keys.yaml\nroutes:\n{}",
+            route("api", "/api/", &up.url(), "")
+        ),
+    );
+    let mut child = crate::cli::Proc(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    crate::cli::wait_listening(admin).await;
+    // The watcher may start just after serving does: rewrite until a reload proves it runs.
+    for attempt in 0..20 {
+        write(&keys, &format!("# attempt {attempt}\nkeys: []\n"));
+        if eventually(1, || async { reloads(admin, "ok").await >= 1 }).await {
+            break;
+        }
+    }
+    assert!(reloads(admin, "ok").await >= 1, "watcher never reloaded");
+
+    let away = dir.path().join("keys.away");
+    std::fs::rename(&keys, &away).unwrap();
+    let gone = Instant::now();
+    assert!(
+        eventually(6, || async { reloads(admin, "error").await >= 2 }).await,
+        "a missing key file was not retried"
+    );
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(gone.elapsed())).await;
+    std::fs::rename(&away, &keys).unwrap();
+    assert!(
+        eventually(10, || async { reloads(admin, "ok").await >= 2 }).await,
+        "the key file coming back was not reloaded"
+    );
+
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cleared = |lines: &[String]| {
+        let last_error = lines.iter().rposition(|l| l.contains("ERROR"));
+        last_error.is_some_and(|e| {
+            lines[e..]
+                .iter()
+                .any(|l| l.contains("INFO") && l.contains("keys.yaml"))
+        })
+    };
+    while !cleared(&lines) && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    let errors = lines.iter().filter(|l| l.contains("ERROR")).count();
+    assert!(
+        (1..=2).contains(&errors),
+        "{errors} ERROR lines: {lines:#?}"
+    );
+    assert!(
+        cleared(&lines),
+        "no INFO line once the file was back: {lines:#?}"
+    );
+    child.term();
+}
