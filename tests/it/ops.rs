@@ -37,7 +37,7 @@ async fn key_counts_by_status_follow_the_clock() {
     let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gw = Gateway::start_with(
         &format!("admin_listen: 127.0.0.1:{port}\n"),
-        &route("api", "/api/", &up.url(), ""),
+        &route("api", "/api/", &up.url(), "    scopes: []\n"),
         &[&forever, &soon, &later, &any_second, &gone, &revoked],
     )
     .await;
@@ -101,7 +101,7 @@ async fn process_metrics_are_exposed() {
     let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let gw = Gateway::start_with(
         &format!("admin_listen: 127.0.0.1:{port}\n"),
-        &route("api", "/api/", &up.url(), ""),
+        &route("api", "/api/", &up.url(), "    scopes: []\n"),
         &[],
     )
     .await;

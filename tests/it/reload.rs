@@ -404,7 +404,7 @@ async fn a_key_file_gone_for_three_seconds_is_logged_once_and_retried() {
         &cfg,
         &format!(
             "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nkeys_file: keys.yaml\nroutes:\n{}",
-            route("api", "/api/", &up.url(), "")
+            route("api", "/api/", &up.url(), "    scopes: []\n")
         ),
     );
     let mut child = crate::cli::Proc(
