@@ -1,15 +1,17 @@
 //! Command line: `serve | demo | validate | keys ...`, parsed with clap derive.
 
+pub mod demo;
+pub mod exit;
+pub mod keys;
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-/// Exit code for usage errors and invalid config.
-pub const EXIT_INVALID: u8 = 2;
-/// Exit code for runtime failures.
-pub const EXIT_FAILURE: u8 = 1;
+use exit::{EXIT_FAILURE, EXIT_INVALID};
 
 /// keygate: an API gateway that lets through only requests with a valid, scoped API key.
 #[derive(Debug, Parser)]
@@ -48,7 +50,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Manage API keys.
-    Keys(crate::keyadmin::KeysArgs),
+    Keys(keys::KeysArgs),
 }
 
 /// Set when diagnostics are JSON lines, so errors printed on the way out are JSON too.
@@ -82,18 +84,20 @@ fn fatal(message: &str) {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(crate::demo::run(listen))),
+        Command::Demo { listen } => {
+            runtime().and_then(|rt| rt.block_on(crate::cli::demo::run(listen)))
+        }
         Command::Echo { listen } => {
-            runtime().and_then(|rt| rt.block_on(crate::demo::run_echo(listen)))
+            runtime().and_then(|rt| rt.block_on(crate::cli::demo::run_echo(listen)))
         }
         Command::Validate { config } => return validate(&config),
-        Command::Keys(args) => return crate::keyadmin::run(args),
+        Command::Keys(args) => return keys::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(crate::ServeError::Invalid(problems)) =
-                e.downcast_ref::<crate::ServeError>()
+            if let Some(crate::cli::serve::ServeError::Invalid(problems)) =
+                e.downcast_ref::<crate::cli::serve::ServeError>()
             {
                 fatal(&problems.to_string());
                 return ExitCode::from(EXIT_INVALID);
@@ -113,13 +117,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(config_path: &Path) -> anyhow::Result<()> {
     // Fail fast on a bad config before binding anything.
-    let config = crate::config::Config::load(config_path).map_err(crate::ServeError::from)?;
+    let config =
+        crate::config::Config::load(config_path).map_err(crate::cli::serve::ServeError::from)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        crate::serve(config_path, listener, crate::shutdown_signal()).await?;
+        crate::cli::serve::serve(config_path, listener, crate::cli::serve::shutdown_signal())
+            .await?;
         Ok(())
     })
 }

@@ -11,7 +11,7 @@ use http::{HeaderValue, Method, Uri};
 use std::fmt::Write as _;
 
 use crate::config::LogFormat;
-use crate::metrics::AuthOutcome;
+use crate::ops::metrics::AuthOutcome;
 
 /// Entries buffered before new ones are dropped (and counted).
 const QUEUE: usize = 16 * 1024;

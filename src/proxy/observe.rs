@@ -12,8 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::accesslog::{AccessLog, Entry};
 use crate::config::LogFormat;
+use crate::ops::accesslog::{AccessLog, Entry};
 
 /// What a connection tells its idle watchdog.
 #[derive(Debug, Default)]
@@ -62,9 +62,9 @@ pub struct Finish {
 /// What a gRPC request's end needs to count its status.
 pub struct GrpcTally {
     /// The registry.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::ops::metrics::Metrics>,
     /// The snapshot's per-route handles and this request's index among them.
-    pub stats: Arc<Vec<crate::metrics::RouteStats>>,
+    pub stats: Arc<Vec<crate::ops::metrics::RouteStats>>,
     /// Route index; `None` for requests no route took.
     pub route: Option<usize>,
 }

@@ -5,9 +5,9 @@ use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
-use crate::auth::AuthError;
-use crate::forward::ForwardError;
-use crate::path::PathError;
+use crate::proxy::authorize::AuthError;
+use crate::proxy::forward::ForwardError;
+use crate::wire::path::PathError;
 
 /// Everything the request path can answer instead of forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,9 @@ pub enum GatewayError {
     /// Malformed request.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The key was offered ambiguously (two `Authorization` headers).
+    #[error(transparent)]
+    Credential(#[from] crate::proxy::credential::CredentialError),
     /// Unsafe or malformed path.
     #[error("{0}")]
     Path(#[from] PathError),
@@ -49,7 +52,7 @@ impl GatewayError {
     /// Status, machine-readable code and gRPC status, in one exhaustive match.
     fn classify(&self) -> (StatusCode, &'static str, GrpcStatus) {
         match self {
-            GatewayError::BadRequest(_) | GatewayError::Path(_) => (
+            GatewayError::BadRequest(_) | GatewayError::Path(_) | GatewayError::Credential(_) => (
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 GrpcStatus::InvalidArgument,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +13,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Problem, Problems};
-use crate::forward::Forwarder;
+use crate::control::snapshot::Snapshot;
 use crate::keys::{self, KeyStore};
-use crate::metrics::{Metrics, RouteStats};
-use crate::tls::CertResolver;
+use crate::ops::metrics::{Metrics, ReloadStats, RouteStats};
+use crate::wire::tls::CertResolver;
 
 mod complaint;
 mod settle;
@@ -24,18 +24,6 @@ mod watch;
 use complaint::{Complaints, File};
 use settle::{settle, Look, Settled};
 use watch::{relevant, watch_dirs, watched_files};
-
-/// Everything one request needs, immutable; requests keep the one they started with.
-pub struct Snapshot {
-    /// Routes and settings.
-    pub config: Arc<Config>,
-    /// Keys by hash.
-    pub keys: Arc<KeyStore>,
-    /// Upstream clients for this config's routes.
-    pub forwarder: Arc<Forwarder>,
-    /// Metric handles, by route index.
-    pub route_stats: Arc<Vec<RouteStats>>,
-}
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,16 +48,11 @@ pub struct Reloader {
     pub tls: Option<Arc<CertResolver>>,
 }
 
-/// Builds the per-config parts of a snapshot.
-fn config_parts(
-    config: &Config,
-    metrics: &Metrics,
-) -> Result<(Arc<Forwarder>, Arc<Vec<RouteStats>>), Problems> {
-    let forwarder =
-        Forwarder::new(config).map_err(|e| Problems(vec![Problem::whole(&config.path, e)]))?;
-    Ok((
-        Arc::new(forwarder),
-        Arc::new(metrics.for_routes(&config.routes)),
+/// Builds the per-config parts of a snapshot. Upstream clients are built by each worker
+/// from the config (`proxy::forward::local`); validation already checked what they need.
+fn config_parts(config: &Config, metrics: &Metrics) -> Result<Arc<Vec<RouteStats>>, Problems> {
+    Ok(Arc::new(
+        metrics.for_routes(config.routes.iter().map(|r| &*r.name)),
     ))
 }
 
@@ -91,23 +74,6 @@ fn tls_hash((cert, key): &(Look, Look)) -> [u8; 32] {
         h.update([0xff]);
     }
     h.finalize().into()
-}
-
-/// Counters of reload outcomes, by file.
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    /// Config reloads swapped in.
-    pub config_ok: AtomicU64,
-    /// Config reloads rejected.
-    pub config_err: AtomicU64,
-    /// Key file reloads swapped in.
-    pub keys_ok: AtomicU64,
-    /// Key file reloads rejected.
-    pub keys_err: AtomicU64,
-    /// Certificate reloads swapped in.
-    pub tls_ok: AtomicU64,
-    /// Certificate reloads rejected.
-    pub tls_err: AtomicU64,
 }
 
 /// How often files are re-hashed even without a change notification.
@@ -134,7 +100,7 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
     let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
     warn_if_exposed(&config.keys_file);
     let store = KeyStore::build(&records, None);
-    let (forwarder, route_stats) = config_parts(&config, metrics)?;
+    let route_stats = config_parts(&config, metrics)?;
     let fp = Fingerprints {
         config: config_hash,
         keys: keys_hash,
@@ -145,7 +111,6 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
         Snapshot {
             config: Arc::new(config),
             keys: Arc::new(store),
-            forwarder,
             route_stats,
         },
         fp,
@@ -166,10 +131,7 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -
         }
         other => {
             settled &= !matches!(other, Settled::Changing);
-            (
-                old.config.clone(),
-                (old.forwarder.clone(), old.route_stats.clone()),
-            )
+            (old.config.clone(), old.route_stats.clone())
         }
     };
     let keys = match reload_keys(r, fp, &config, &old.keys, said) {
@@ -187,14 +149,13 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -
         r.current.store(Arc::new(Snapshot {
             config,
             keys,
-            forwarder: parts.0,
-            route_stats: parts.1,
+            route_stats: parts,
         }));
     }
     settled
 }
 
-type ConfigParts = (Arc<Config>, (Arc<Forwarder>, Arc<Vec<RouteStats>>));
+type ConfigParts = (Arc<Config>, Arc<Vec<RouteStats>>);
 
 /// The config file, once settled and valid; `Unchanged` also covers a rejected file.
 fn reload_config(
@@ -340,7 +301,7 @@ fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config, said: &mut C
         Settled::Unchanged => return true,
         Settled::Changing => return false,
     };
-    let loaded = crate::tls::load_pair(&files.cert, &files.key);
+    let loaded = crate::wire::tls::load_pair(&files.cert, &files.key);
     if !cert.unmoved(&files.cert) || !key.unmoved(&files.key) {
         return false;
     }

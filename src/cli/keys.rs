@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::cli::{EXIT_FAILURE, EXIT_INVALID};
+use crate::cli::exit::{EXIT_FAILURE, EXIT_INVALID};
 use crate::config::{check_scope, Config};
 use crate::keyfile::{self, KeyFileError};
 use crate::keys::{self, KeyRecord};

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+
 use tokio::net::TcpListener;
 
 /// Starts an echo upstream on an ephemeral loopback port; answers with the request as JSON.
@@ -30,25 +30,13 @@ pub async fn run_echo(listen: SocketAddr) -> anyhow::Result<()> {
     println!("keygate echo: answering every request on http://{listen} with it as JSON");
     tokio::select! {
         () = serve_echo(listener) => {}
-        () = crate::shutdown_signal() => {}
+        () = crate::cli::serve::shutdown_signal() => {}
     }
     Ok(())
 }
 
 async fn serve_echo(listener: TcpListener) {
-    {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(echo);
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    }
+    crate::ops::admin::serve_plain(listener, || service_fn(echo)).await;
 }
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
@@ -108,10 +96,10 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     println!("curl -i -H 'Authorization: Api-Key {key}' {base}/admin/users");
     println!();
     println!("The demo key lives only in this temporary config. Ctrl-C stops the demo.");
-    let result = crate::serve(
+    let result = crate::cli::serve::serve(
         &dir.join("keygate.yaml"),
         listener,
-        crate::shutdown_signal(),
+        crate::cli::serve::shutdown_signal(),
     )
     .await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,17 +1,32 @@
 //! Prometheus metrics. Handles are registered once per route and label set and then only
 //! incremented, so the request path touches atomics, never the registry.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::keys::KeyStore;
-use crate::reload::{ReloadStats, Snapshot};
-use crate::routes::RouteTable;
 
 mod process;
+
+/// Counters of reload outcomes, by file; reload counts, `/metrics` reads.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Config reloads swapped in.
+    pub config_ok: AtomicU64,
+    /// Config reloads rejected.
+    pub config_err: AtomicU64,
+    /// Key file reloads swapped in.
+    pub keys_ok: AtomicU64,
+    /// Key file reloads rejected.
+    pub keys_err: AtomicU64,
+    /// Certificate reloads swapped in.
+    pub tls_ok: AtomicU64,
+    /// Certificate reloads rejected.
+    pub tls_err: AtomicU64,
+}
 
 /// How far ahead `keygate_keys_expiring` looks, and its `within` label.
 const EXPIRING_WITHIN: (i64, &str) = (7 * 86_400, "7d");
@@ -228,9 +243,9 @@ impl Metrics {
         }
     }
 
-    /// Handles for every route of a table, in route index order.
-    pub fn for_routes(&self, routes: &RouteTable) -> Vec<RouteStats> {
-        routes.iter().map(|r| self.route_stats(&r.name)).collect()
+    /// Handles for every route, by route name in route index order.
+    pub fn for_routes<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<RouteStats> {
+        names.map(|name| self.route_stats(name)).collect()
     }
 
     /// Counts one finished request head.
@@ -286,12 +301,9 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of everything.
-    pub fn render(&self, snapshot: &Snapshot, reloads: &ReloadStats) -> String {
-        self.keys_loaded.set(snapshot.keys.len() as f64);
-        self.count_keys(
-            &snapshot.keys,
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        );
+    pub fn render(&self, keys: &KeyStore, reloads: &ReloadStats) -> String {
+        self.keys_loaded.set(keys.len() as f64);
+        self.count_keys(keys, time::OffsetDateTime::now_utc().unix_timestamp());
         let values = [
             &reloads.config_ok,
             &reloads.config_err,

@@ -1,9 +1,8 @@
-//! Authorization: extract the key, look it up by hash, check revocation, expiry and scopes.
-//! Yields a [`Permit`], the only thing `forward` accepts.
-
-use http::header::{HeaderMap, AUTHORIZATION};
+//! Authorization: look the credential's key up by hash, check revocation, expiry and scopes.
+//! Yields a [`Permit`], the only thing `forward` accepts; it carries what to strip.
 
 use crate::keys::{self, KeyEntry, KeyStore};
+use crate::proxy::credential::{Carrier, Credential, Found};
 use crate::routes::Route;
 
 /// Unix seconds now, the clock expiry is judged by.
@@ -84,53 +83,6 @@ impl std::fmt::Display for Presented {
     }
 }
 
-/// What the `Authorization` header carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credential<'h> {
-    /// No header.
-    Absent,
-    /// Some other scheme (Basic, Bearer...): its name, and whether anything followed it.
-    OtherScheme {
-        /// The scheme as sent; client text, never echoed unchecked.
-        scheme: &'h [u8],
-        /// A space and more came after the scheme.
-        has_credential: bool,
-    },
-    /// `Api-Key` with something other than exactly one token.
-    MalformedApiKey,
-    /// `Api-Key <token>`.
-    ApiKey(&'h [u8]),
-}
-
-/// Reads the single `Authorization` header; the caller has already refused duplicates.
-pub fn credential(headers: &HeaderMap) -> Credential<'_> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
-        return Credential::Absent;
-    };
-    parse_authorization(value.as_bytes())
-}
-
-/// Parses `Api-Key <token>`; the scheme name is case-insensitive.
-pub fn parse_authorization(value: &[u8]) -> Credential<'_> {
-    const SCHEME: &[u8] = b"api-key";
-    let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
-        Some(i) => (&value[..i], &value[i + 1..]),
-        None => (value, &[][..]),
-    };
-    if !scheme.eq_ignore_ascii_case(SCHEME) {
-        return Credential::OtherScheme {
-            scheme,
-            has_credential: scheme.len() < value.len(),
-        };
-    }
-    let one_token = !rest.is_empty() && rest.iter().all(|&b| b.is_ascii_graphic() || b >= 0x80);
-    if one_token {
-        Credential::ApiKey(rest)
-    } else {
-        Credential::MalformedApiKey
-    }
-}
-
 /// Permission to forward one request to one route, as the key it was granted to.
 #[derive(Debug, Clone, Copy)]
 pub struct Permit<'a> {
@@ -138,19 +90,34 @@ pub struct Permit<'a> {
     pub route: &'a Route,
     /// The key that was checked; `None` on public routes.
     pub key: Option<&'a KeyEntry>,
+    /// The checked key's hash, so an upgraded connection can follow the key's fate.
+    pub digest: Option<keys::Digest32>,
+    /// What carried a key, removed before forwarding: what authorization read, and no more.
+    pub strip: Option<Carrier>,
 }
 
 /// Checks a request's credential against the route; `now` is unix seconds.
 pub fn authorize<'a>(
     route: &'a Route,
     keys: &'a KeyStore,
-    credential: Credential<'_>,
+    found: Found<'_>,
     now: i64,
 ) -> Result<Permit<'a>, AuthError> {
     if route.public {
-        return Ok(Permit { route, key: None });
+        // A key sent to a public route is still never forwarded; another scheme's credential
+        // belongs to the upstream and passes.
+        let strip = match found.credential {
+            Credential::ApiKey(_) | Credential::MalformedApiKey => found.carrier,
+            Credential::Absent | Credential::OtherScheme { .. } => None,
+        };
+        return Ok(Permit {
+            route,
+            key: None,
+            digest: None,
+            strip,
+        });
     }
-    let token = match credential {
+    let token = match found.credential {
         Credential::Absent => return Err(AuthError::Missing(Presented::Nothing)),
         Credential::OtherScheme {
             scheme,
@@ -163,9 +130,8 @@ pub fn authorize<'a>(
     if token.starts_with(keys::KEY_PREFIX.as_bytes()) && !keys::well_formed(token) {
         return Err(AuthError::Invalid);
     }
-    let key = keys
-        .lookup(&keys::digest(token))
-        .ok_or(AuthError::Invalid)?;
+    let digest = keys::digest(token);
+    let key = keys.lookup(&digest).ok_or(AuthError::Invalid)?;
     if key.revoked {
         return Err(AuthError::Revoked);
     }
@@ -179,6 +145,8 @@ pub fn authorize<'a>(
     Ok(Permit {
         route,
         key: Some(key),
+        digest: Some(digest),
+        strip: found.carrier,
     })
 }
 

@@ -1,0 +1,205 @@
+//! One downstream connection's lifecycle pieces: its slot under `max_connections`, the I/O
+//! wrapper that tells activity apart from HTTP/2 pings, and the idle and header-read timers.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::config::Limits;
+use crate::proxy::observe::ConnState;
+
+/// A connection's slot under `max_connections` and its place in the connection gauge.
+///
+/// Owned by the connection's I/O, so an upgraded (WebSocket) stream keeps holding it.
+pub(crate) struct ConnHold {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl ConnHold {
+    pub(crate) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        gauge: &metrics::Gauge,
+    ) -> ConnHold {
+        gauge.increment(1.0);
+        ConnHold {
+            _permit: permit,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for ConnHold {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// An I/O stream that records activity for the idle watchdog and header read timeout.
+pub(crate) struct TrackedIo<I> {
+    inner: I,
+    state: Arc<ConnState>,
+    /// First bytes read, until three tell HTTP/2's preface (`PRI`) from an HTTP/1 method.
+    sniff: [u8; 3],
+    sniffed: u8,
+    h2: bool,
+    _hold: ConnHold,
+}
+
+impl<I> TrackedIo<I> {
+    pub(crate) fn new(inner: I, state: Arc<ConnState>, hold: ConnHold) -> TrackedIo<I> {
+        TrackedIo {
+            inner,
+            state,
+            sniff: [0; 3],
+            sniffed: 0,
+            h2: false,
+            _hold: hold,
+        }
+    }
+
+    fn saw(&mut self, bytes: &[u8]) {
+        if usize::from(self.sniffed) < self.sniff.len() {
+            for &b in bytes
+                .iter()
+                .take(self.sniff.len() - usize::from(self.sniffed))
+            {
+                self.sniff[usize::from(self.sniffed)] = b;
+                self.sniffed += 1;
+            }
+            if usize::from(self.sniffed) == self.sniff.len() && &self.sniff == b"PRI" {
+                self.h2 = true;
+                self.state.h2.store(true, Ordering::Relaxed);
+                self.state.head_pending.store(false, Ordering::Relaxed);
+            }
+        }
+        // HTTP/2 pings and settings are not activity: only streams keep it open.
+        if self.h2 {
+            return;
+        }
+        self.state.touch();
+        if self.state.in_flight.load(Ordering::Relaxed) == 0
+            && !self.state.head_pending.load(Ordering::Relaxed)
+        {
+            self.state.head_pending.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for TrackedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let this = &mut *self;
+            this.saw(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if !self.h2 && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.state.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if !self.h2 && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.state.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the watchdog decided on one check.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Open,
+    Idle,
+    HeadTimedOut,
+}
+
+/// The idle and header-read timers of one connection, advanced in coarse checks so the I/O
+/// path never reads the clock.
+pub(crate) struct Watchdog {
+    pub(crate) check: Duration,
+    idle: Duration,
+    head: Duration,
+    quiet: Duration,
+    head_wait: Duration,
+    idle_checks_after_close: u32,
+}
+
+impl Watchdog {
+    pub(crate) fn new(limits: &Limits) -> Watchdog {
+        let check = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
+            .max(Duration::from_millis(50));
+        Watchdog {
+            check,
+            idle: limits.idle_timeout,
+            head: limits.header_read_timeout,
+            quiet: Duration::ZERO,
+            head_wait: Duration::ZERO,
+            idle_checks_after_close: 0,
+        }
+    }
+
+    pub(crate) fn verdict(&mut self, state: &ConnState) -> Verdict {
+        let active = state.active.swap(false, Ordering::Relaxed);
+        let busy = state.in_flight.load(Ordering::Relaxed) > 0;
+        if !busy && state.head_pending.load(Ordering::Relaxed) {
+            // Checks start anywhere within a period: one extra makes the timer never short.
+            self.head_wait += self.check;
+            if self.head_wait > self.head {
+                return Verdict::HeadTimedOut;
+            }
+        } else {
+            self.head_wait = Duration::ZERO;
+        }
+        if active || busy {
+            self.quiet = Duration::ZERO;
+            return Verdict::Open;
+        }
+        self.quiet += self.check;
+        if self.quiet > self.idle {
+            Verdict::Idle
+        } else {
+            Verdict::Open
+        }
+    }
+
+    /// After a graceful close was asked for, a few more idle checks end the connection hard.
+    pub(crate) fn overdue(&mut self) -> bool {
+        self.idle_checks_after_close += 1;
+        self.idle_checks_after_close > 4
+    }
+}

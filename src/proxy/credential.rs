@@ -1,0 +1,99 @@
+//! Key sources: where a request's key is read from, and exactly what carried it, so that
+//! forwarding strips what authorization read and nothing else.
+//!
+//! Today one source, `Authorization: Api-Key <key>`; further sources (Bearer, a named header, a
+//! query parameter) are added here and nowhere else.
+
+use http::header::{HeaderMap, AUTHORIZATION};
+
+/// What carried a credential, for stripping before the request goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// The `Authorization` header.
+    Authorization,
+}
+
+impl Carrier {
+    /// Removes this carrier from an upstream request's headers.
+    pub fn strip(self, headers: &mut HeaderMap) {
+        match self {
+            Carrier::Authorization => {
+                headers.remove(AUTHORIZATION);
+            }
+        }
+    }
+}
+
+/// A request offered its key ambiguously.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// Two `Authorization` headers: which one counts would be a guess.
+    #[error("more than one Authorization header")]
+    Duplicate,
+}
+
+/// What the key sources found, and what carried it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found<'h> {
+    /// The credential as presented.
+    pub credential: Credential<'h>,
+    /// Where it came from; `None` when nothing was presented.
+    pub carrier: Option<Carrier>,
+}
+
+/// Reads the request's credential from its sources; duplicates are refused, never picked.
+pub fn extract(headers: &HeaderMap) -> Result<Found<'_>, CredentialError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(Found {
+            credential: Credential::Absent,
+            carrier: None,
+        });
+    };
+    if values.next().is_some() {
+        return Err(CredentialError::Duplicate);
+    }
+    Ok(Found {
+        credential: parse_authorization(value.as_bytes()),
+        carrier: Some(Carrier::Authorization),
+    })
+}
+
+/// What the `Authorization` header carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'h> {
+    /// No header.
+    Absent,
+    /// Some other scheme (Basic, Bearer...): its name, and whether anything followed it.
+    OtherScheme {
+        /// The scheme as sent; client text, never echoed unchecked.
+        scheme: &'h [u8],
+        /// A space and more came after the scheme.
+        has_credential: bool,
+    },
+    /// `Api-Key` with something other than exactly one token.
+    MalformedApiKey,
+    /// `Api-Key <token>`.
+    ApiKey(&'h [u8]),
+}
+
+/// Parses `Api-Key <token>`; the scheme name is case-insensitive.
+pub fn parse_authorization(value: &[u8]) -> Credential<'_> {
+    const SCHEME: &[u8] = b"api-key";
+    let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
+        Some(i) => (&value[..i], &value[i + 1..]),
+        None => (value, &[][..]),
+    };
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
+        return Credential::OtherScheme {
+            scheme,
+            has_credential: scheme.len() < value.len(),
+        };
+    }
+    let one_token = !rest.is_empty() && rest.iter().all(|&b| b.is_ascii_graphic() || b >= 0x80);
+    if one_token {
+        Credential::ApiKey(rest)
+    } else {
+        Credential::MalformedApiKey
+    }
+}

@@ -1,0 +1,334 @@
+//! The listener: thread-per-core workers, accept with the connection cap, TLS, and each
+//! connection served under its watchdog until it closes or the gateway drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Uri};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Limits;
+use crate::ops::accesslog::Entry;
+use crate::ops::metrics::AuthOutcome;
+use crate::proxy::conn::{ConnHold, TrackedIo, Verdict, Watchdog};
+use crate::proxy::observe::ConnState;
+use crate::proxy::pipeline::{handle, Conn, Gateway};
+use crate::wire::headers;
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own cap is a backstop; the exact limit is checked per request with a JSON 431.
+    let buf = usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .max(16 * 1024);
+    // hyper starts its header timer as soon as a keep-alive connection goes idle, which cut
+    // idle connections at header_read_timeout; serve_conn runs that timer from the first byte.
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(buf)
+        .max_headers(1000);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buf).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Worker threads: `KEYGATE_WORKERS`, else one per available core.
+pub fn worker_count() -> usize {
+    std::env::var("KEYGATE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+thread_local! {
+    /// This thread's connection builder, with the generation of the config it came from.
+    static BUILDER: std::cell::RefCell<Option<(u64, Arc<auto::Builder<TokioExecutor>>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The connection builder for the current config, so changed limits apply to new connections.
+fn local_builder(config: &crate::config::Config) -> Arc<auto::Builder<TokioExecutor>> {
+    BUILDER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if let Some((generation, b)) = slot.as_ref() {
+            if *generation == config.generation {
+                return b.clone();
+            }
+        }
+        let b = Arc::new(builder(&config.limits));
+        *slot = Some((config.generation, b.clone()));
+        b
+    })
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct Shared {
+    gateway: Arc<Gateway>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    max_connections: usize,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then drains.
+///
+/// Thread per core: each worker runs its own single-threaded runtime and accepts from the
+/// shared socket, so a request and its upstream exchange stay on one thread (no cross-thread
+/// wake-ups, no shared pool lock); see `forward::local`.
+pub async fn accept_loop(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let max = gateway.snapshot.load().config.limits.max_connections;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Shared {
+        gateway: gateway.clone(),
+        tls,
+        slots: Arc::new(Semaphore::new(max)),
+        stop: stop_rx,
+        max_connections: max,
+    };
+    let listener = listener.into_std()?;
+    let mut workers = Vec::new();
+    for i in 0..worker_count() {
+        let (l, sh) = (listener.try_clone()?, shared.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("keygate-worker-{i}"))
+                .spawn(move || worker(l, sh))?,
+        );
+    }
+    drop(listener);
+    gateway.ready.store(true, Ordering::Relaxed);
+    shutdown.await;
+    // Load balancers keep sending for a while after they are told: say "not ready" at once,
+    // keep serving for shutdown_delay, then stop accepting and drain.
+    gateway.ready.store(false, Ordering::Relaxed);
+    let delay = gateway.snapshot.load().config.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(delay = ?delay, "not ready; still accepting for shutdown_delay");
+        tokio::time::sleep(delay).await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
+    Ok(())
+}
+
+fn worker(listener: std::net::TcpListener, shared: Shared) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot use the listener");
+                return;
+            }
+        };
+        let mut stop = shared.stop.clone();
+        let mut last_accept_warning = None;
+        loop {
+            // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
+            let permit = tokio::select! {
+                p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning,
+                        // and say so at most once a second (clients can cause some of these).
+                        if last_accept_warning.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(error = %e, "accept failed");
+                            last_accept_warning = Some(std::time::Instant::now());
+                        } else {
+                            tracing::debug!(error = %e, "accept failed");
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(connection(shared.clone(), stream, peer, permit));
+        }
+        drop(listener);
+        // Drain: in-flight requests (and upgraded connections, which hold a slot) on this
+        // worker get up to the grace period; whatever is left ends with the runtime.
+        let max = shared.max_connections;
+        let grace = shared.gateway.snapshot.load().config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        while shared.slots.available_permits() < max {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("shutdown grace elapsed with requests still in flight");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+async fn connection(
+    shared: Shared,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let hold = ConnHold::new(permit, &shared.gateway.metrics.active_connections);
+    let state = Arc::new(ConnState::default());
+    state.touch();
+    // Limits come from the config of the moment, so a reload applies to new connections.
+    let config = shared.gateway.snapshot.load().config.clone();
+    match &shared.tls {
+        None => serve_tracked(&shared, &config, stream, peer, false, state, hold).await,
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(config.limits.header_read_timeout, handshake).await {
+                Ok(Ok(tls)) => serve_tracked(&shared, &config, tls, peer, true, state, hold).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Serves one (plain or TLS) stream with activity tracking for the idle watchdog.
+async fn serve_tracked<I>(
+    shared: &Shared,
+    config: &crate::config::Config,
+    io: I,
+    peer: SocketAddr,
+    https: bool,
+    state: Arc<ConnState>,
+    hold: ConnHold,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TrackedIo::new(io, state.clone(), hold);
+    let conn = Conn { peer, https, state };
+    let (gw, stop) = (shared.gateway.clone(), shared.stop.clone());
+    let builder = local_builder(config);
+    serve_conn(gw, io, conn, &builder, stop, &config.limits).await;
+}
+
+async fn serve_conn<I>(
+    gw: Arc<Gateway>,
+    io: I,
+    conn: Conn,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+    limits: &Limits,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = conn.state.clone();
+    let (gateway, peer) = (gw.clone(), conn.peer);
+    let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
+    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(c);
+    let mut watch = Watchdog::new(limits);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = c.as_mut() => {
+                if let Err(e) = res {
+                    log_rejected_head(&gateway, peer, e.as_ref());
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                c.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep(watch.check) => match watch.verdict(&state) {
+                Verdict::Open => {}
+                // A client that started a head and stalls gets no answer, as with hyper's own
+                // header timeout.
+                Verdict::HeadTimedOut => return,
+                Verdict::Idle if !closing => {
+                    // HTTP/1: closes at once (nothing is in flight); HTTP/2: GOAWAY.
+                    c.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                Verdict::Idle => {
+                    if watch.overdue() {
+                        return;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Logs a request hyper refused before our service saw it (bad header bytes, an oversized
+/// head): hyper has already answered 400 or 431 and closed. Method and path are unknown.
+fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Error + 'static)) {
+    let Some(e) = err.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    if !e.is_parse() {
+        return;
+    }
+    let status = if e.is_parse_too_large() { 431 } else { 400 };
+    let snapshot = gw.snapshot.load();
+    gw.metrics
+        .count_request(&gw.metrics.unrouted, status, AuthOutcome::NotChecked);
+    let entry = Entry {
+        time: SystemTime::now(),
+        request_id: headers::new_request_id(),
+        client: peer,
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        uri: Uri::default(),
+        route: None,
+        status,
+        duration: 0.0,
+        bytes: 0,
+        key_id: None,
+        service_account: None,
+        auth: AuthOutcome::NotChecked,
+        upstream_status: None,
+        normalized: Some("-".into()),
+        host: None,
+        user_agent: None,
+        upstream: None,
+        upstream_ms: None,
+        error: Some("bad_request_head"),
+        grpc_status: None,
+    };
+    if !gw.access_log.send(entry, snapshot.config.log_format) {
+        gw.metrics.access_log_dropped.increment(1);
+    }
+}
