@@ -301,21 +301,41 @@ pub fn status(rec: &KeyRecord, now: OffsetDateTime) -> &'static str {
     }
 }
 
+/// A newly issued (or imported) key's record; the id is filled in under the file lock.
+pub(crate) struct Terms<'a> {
+    pub(crate) service_account: &'a str,
+    pub(crate) scopes: &'a [String],
+    pub(crate) description: Option<&'a str>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+}
+
+impl Terms<'_> {
+    /// The record for a key with `hash`, created `now`.
+    pub(crate) fn record(
+        &self,
+        id: String,
+        hash: keys::Digest32,
+        now: OffsetDateTime,
+    ) -> KeyRecord {
+        KeyRecord {
+            id,
+            hash,
+            service_account: self.service_account.to_string(),
+            scopes: self.scopes.to_vec(),
+            description: self.description.map(str::to_string),
+            created_at: Some(now),
+            expires_at: self.expires_at,
+            revoked_at: None,
+        }
+    }
+}
+
 fn execute(args: &KeysArgs) -> Result<(), Failure> {
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
     if let KeysCommand::Hash = args.command {
-        let mut input = String::new();
-        std::io::stdin()
-            .read_to_string(&mut input)
-            .map_err(|e| failure(format!("cannot read stdin: {e}")))?;
-        let key = input.trim_end_matches(['\n', '\r']);
-        if key.is_empty() || key.contains(['\n', ' ', '\t']) {
-            return Err(usage("expected exactly one key on stdin"));
-        }
-        println!("{}", keys::hash_line(key.as_bytes()));
-        return Ok(());
+        return hash();
     }
     let t = target(args)?;
     match &args.command {
@@ -335,25 +355,13 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 expires_in.as_deref(),
                 expires_at.as_deref(),
             )?;
-            let key =
-                keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
-            let rec = keyfile::update(&t.keys_file, |records| {
-                let rec = KeyRecord {
-                    id: new_id(records).map_err(|f| f.message)?,
-                    hash: keys::digest(key.as_bytes()),
-                    service_account: service_account.clone(),
-                    scopes: scopes.clone(),
-                    description: description.clone(),
-                    created_at: Some(now),
-                    expires_at,
-                    revoked_at: None,
-                };
-                records.push(rec.clone());
-                Ok(rec)
-            })?
-            .map_err(failure)?;
-            print_issued(args.output, &rec, &key, None);
-            Ok(())
+            let terms = Terms {
+                service_account,
+                scopes,
+                description: description.as_deref(),
+                expires_at,
+            };
+            create(args.output, &t, &terms, now)
         }
         KeysCommand::Import {
             hash,
@@ -364,14 +372,6 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_at,
             description,
         } => {
-            let digest = keys::parse_hash(hash).ok_or_else(|| {
-                usage("--hash: expected sha256: followed by 64 lowercase hex digits")
-            })?;
-            if let Some(id) = id {
-                if !keys::valid_id(id) {
-                    return Err(usage("--id: use letters, digits, '-', '_', '.'"));
-                }
-            }
             let expires_at = new_key_terms(
                 &t,
                 service_account,
@@ -380,69 +380,116 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 expires_in.as_deref(),
                 expires_at.as_deref(),
             )?;
-            let rec = keyfile::update(&t.keys_file, |records| {
-                if records.iter().any(|r| r.hash == digest) {
-                    return Err("a key with this hash is already in the key file".to_string());
-                }
-                let id = match id {
-                    Some(id) if records.iter().any(|r| &r.id == id) => {
-                        return Err(format!("key id {id:?} already exists"))
-                    }
-                    Some(id) => id.clone(),
-                    None => new_id(records).map_err(|f| f.message)?,
-                };
-                let rec = KeyRecord {
-                    id,
-                    hash: digest,
-                    service_account: service_account.clone(),
-                    scopes: scopes.clone(),
-                    description: description.clone(),
-                    created_at: Some(now),
-                    expires_at,
-                    revoked_at: None,
-                };
-                records.push(rec.clone());
-                Ok(rec)
-            })?
-            .map_err(failure)?;
-            match args.output {
-                Output::Text => println!("{}", rec.id),
-                Output::Json => println!("{}", list_json(&[rec], &state::State::default(), now)),
-            }
-            Ok(())
+            let terms = Terms {
+                service_account,
+                scopes,
+                description: description.as_deref(),
+                expires_at,
+            };
+            import(args.output, &t, hash, id.as_deref(), &terms, now)
         }
-        KeysCommand::List => {
-            let records = keyfile::read(&t.keys_file)?;
-            let st = state::load(&t.state_file);
-            match args.output {
-                Output::Json => println!("{}", list_json(&records, &st, now)),
-                Output::Text => print!("{}", list_text(&records, &st, now)),
-            }
-            Ok(())
-        }
-        KeysCommand::Revoke { id } => {
-            let rec = keyfile::update(&t.keys_file, |records| {
-                let rec = records
-                    .iter_mut()
-                    .find(|r| &r.id == id)
-                    .ok_or_else(|| format!("no key with id {id:?}"))?;
-                // Revoking twice keeps the first revocation time.
-                rec.revoked_at.get_or_insert(now);
-                Ok(rec.clone())
-            })?
-            .map_err(failure)?;
-            let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
-            match args.output {
-                Output::Text => println!("revoked {} at {at}", rec.id),
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})
-                ),
-            }
-            Ok(())
-        }
+        KeysCommand::List => list(args.output, &t, now),
+        KeysCommand::Revoke { id } => revoke(args.output, &t, id, now),
         KeysCommand::Rotate(r) => rotate::run(args.output, &t, now, r),
     }
+}
+
+/// `keys hash`: one key on stdin, its `sha256:` line on stdout.
+fn hash() -> Result<(), Failure> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| failure(format!("cannot read stdin: {e}")))?;
+    let key = input.trim_end_matches(['\n', '\r']);
+    if key.is_empty() || key.contains(['\n', ' ', '\t']) {
+        return Err(usage("expected exactly one key on stdin"));
+    }
+    println!("{}", keys::hash_line(key.as_bytes()));
+    Ok(())
+}
+
+/// `keys create`: a fresh key, its secret printed once.
+fn create(out: Output, t: &Target, terms: &Terms<'_>, now: OffsetDateTime) -> Result<(), Failure> {
+    let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
+    let rec = keyfile::update(&t.keys_file, |records| {
+        let id = new_id(records).map_err(|f| f.message)?;
+        let rec = terms.record(id, keys::digest(key.as_bytes()), now);
+        records.push(rec.clone());
+        Ok(rec)
+    })?
+    .map_err(failure)?;
+    print_issued(out, &rec, &key, None);
+    Ok(())
+}
+
+/// `keys import`: a key issued elsewhere, by its hash only.
+fn import(
+    out: Output,
+    t: &Target,
+    hash: &str,
+    id: Option<&str>,
+    terms: &Terms<'_>,
+    now: OffsetDateTime,
+) -> Result<(), Failure> {
+    let digest = keys::parse_hash(hash)
+        .ok_or_else(|| usage("--hash: expected sha256: followed by 64 lowercase hex digits"))?;
+    if id.is_some_and(|id| !keys::valid_id(id)) {
+        return Err(usage("--id: use letters, digits, '-', '_', '.'"));
+    }
+    let rec = keyfile::update(&t.keys_file, |records| {
+        if records.iter().any(|r| r.hash == digest) {
+            return Err("a key with this hash is already in the key file".to_string());
+        }
+        let id = match id {
+            Some(id) if records.iter().any(|r| r.id == id) => {
+                return Err(format!("key id {id:?} already exists"))
+            }
+            Some(id) => id.to_string(),
+            None => new_id(records).map_err(|f| f.message)?,
+        };
+        let rec = terms.record(id, digest, now);
+        records.push(rec.clone());
+        Ok(rec)
+    })?
+    .map_err(failure)?;
+    match out {
+        Output::Text => println!("{}", rec.id),
+        Output::Json => println!("{}", list_json(&[rec], &state::State::default(), now)),
+    }
+    Ok(())
+}
+
+/// `keys list`.
+fn list(out: Output, t: &Target, now: OffsetDateTime) -> Result<(), Failure> {
+    let records = keyfile::read(&t.keys_file)?;
+    let st = state::load(&t.state_file);
+    match out {
+        Output::Json => println!("{}", list_json(&records, &st, now)),
+        Output::Text => print!("{}", list_text(&records, &st, now)),
+    }
+    Ok(())
+}
+
+/// `keys revoke`: sets `revoked_at` once; a second revoke keeps the first time.
+fn revoke(out: Output, t: &Target, id: &str, now: OffsetDateTime) -> Result<(), Failure> {
+    let rec = keyfile::update(&t.keys_file, |records| {
+        let rec = records
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| format!("no key with id {id:?}"))?;
+        rec.revoked_at.get_or_insert(now);
+        Ok(rec.clone())
+    })?
+    .map_err(failure)?;
+    let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
+    match out {
+        Output::Text => println!("revoked {} at {at}", rec.id),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})
+        ),
+    }
+    Ok(())
 }
 
 fn last_used_text(st: &state::State, id: &str) -> Option<String> {

@@ -4,7 +4,7 @@
 use clap::Args;
 use time::OffsetDateTime;
 
-use super::{expiry, failure, new_id, print_issued, usage, Failure, Output, Target};
+use super::{expiry, failure, new_id, print_issued, usage, Failure, Output, Target, Terms};
 use crate::keyfile;
 use crate::keys::{self, KeyRecord};
 
@@ -75,16 +75,13 @@ pub(super) fn run(
             Some(e) => e,
             None => inherited_expiry(old, now)?,
         };
-        let fresh = KeyRecord {
-            id: String::new(),
-            hash: keys::digest(key.as_bytes()),
-            service_account: old.service_account.clone(),
-            scopes: old.scopes.clone(),
-            description: old.description.clone(),
-            created_at: Some(now),
+        let terms = Terms {
+            service_account: &old.service_account,
+            scopes: &old.scopes,
+            description: old.description.as_deref(),
             expires_at,
-            revoked_at: None,
         };
+        let fresh = terms.record(String::new(), keys::digest(key.as_bytes()), now);
         // A revoked entry is the record of a leak: it is never rewritten.
         if !revoked {
             retire(old, grace, now)?;
