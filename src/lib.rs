@@ -22,15 +22,9 @@
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod keyfile;
 pub mod keys;
 pub mod ops;
 pub mod proxy;
-pub mod routes;
-pub mod state;
 pub mod wire;
 
 pub use cli::serve::{serve, shutdown_signal, ServeError};
-
-// Old paths, while config/ and keys/ move (removed once they do).
-pub(crate) use wire::{headers, path, tls};

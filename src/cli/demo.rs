@@ -79,8 +79,8 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let config_yaml = format!(
         "listen: {listen}\nkeys_file: keys.yaml\nrealm: keygate-demo\nroutes:\n  - name: echo\n    path_prefix: /echo/\n    upstream: http://{upstream}\n    scopes: [demo.echo]\n  - name: admin\n    path_prefix: /admin/\n    upstream: http://{upstream}\n    scopes: [demo.admin]\n  - name: health\n    path_prefix: /health\n    upstream: http://{upstream}\n    public: true\n"
     );
-    crate::keyfile::write_atomic(&dir.join("keys.yaml"), keys_yaml.as_bytes())?;
-    crate::keyfile::write_atomic(&dir.join("keygate.yaml"), config_yaml.as_bytes())?;
+    crate::keys::file::write_atomic(&dir.join("keys.yaml"), keys_yaml.as_bytes())?;
+    crate::keys::file::write_atomic(&dir.join("keygate.yaml"), config_yaml.as_bytes())?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

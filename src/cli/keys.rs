@@ -9,10 +9,11 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::cli::exit::{EXIT_FAILURE, EXIT_INVALID};
-use crate::config::{check_scope, Config};
-use crate::keyfile::{self, KeyFileError};
+use crate::config::Config;
+use crate::keys::check_scope;
+use crate::keys::file::{self as keyfile, KeyFileError};
+use crate::keys::last_used as state;
 use crate::keys::{self, KeyRecord};
-use crate::state;
 
 mod rotate;
 pub use rotate::RotateArgs;

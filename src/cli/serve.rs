@@ -12,10 +12,10 @@ use tokio::net::TcpListener;
 
 use crate::config::Problems;
 use crate::control::{reload, snapshot::Snapshot};
+use crate::keys::last_used as state;
 use crate::ops::metrics::ReloadStats;
 use crate::ops::{accesslog, admin, metrics};
 use crate::proxy::{listener, pipeline::Gateway};
-use crate::state;
 use crate::{config, wire::tls};
 
 /// Why the gateway could not start.

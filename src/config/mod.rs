@@ -14,19 +14,18 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde_saphyr::Spanned;
 
-use crate::routes::RouteTable;
+use crate::config::routes::RouteTable;
 
+mod check;
 pub(crate) mod fields;
 mod problem;
 mod raw;
 mod route;
+pub mod routes;
 mod validate;
 
 pub(crate) use problem::Warning;
 pub use problem::{Problem, Problems};
-
-// Old path kept for callers outside config/ and keys/ until they import `crate::keys::check_scope`.
-pub(crate) use crate::keys::check_scope;
 
 /// Names of the headers that tell the upstream who called.
 #[derive(Debug, Clone)]

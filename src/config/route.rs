@@ -3,12 +3,12 @@
 use http::Method;
 use serde_saphyr::{Location, Spanned};
 
+use super::check::Check;
 use super::fields::nearest_word;
 use super::raw::RawRoute;
 use super::resolve;
-use super::validate::Check;
+use crate::config::routes::{HostMatch, Route, Upstream, UpstreamScheme, UpstreamTls};
 use crate::keys::check_scope;
-use crate::routes::{HostMatch, Route, Upstream, UpstreamScheme, UpstreamTls};
 
 /// The request methods a route may list; anything else is a typo or a method no client sends.
 const METHODS: [&str; 9] = [
@@ -82,7 +82,7 @@ fn path_prefix<'r>(c: &mut Check<'_>, p: Option<&'r Spanned<String>>) -> &'r str
     let prefix = p.value.as_str();
     let prefix_ok = prefix.starts_with('/')
         && matches!(
-            crate::path::normalize(prefix),
+            crate::wire::path::normalize(prefix),
             Ok(std::borrow::Cow::Borrowed(_))
         );
     if !prefix_ok {
@@ -205,7 +205,7 @@ fn upstream_tls(c: &mut Check<'_>, r: &RawRoute, upstream: Option<&Upstream>) ->
     }
     let ca_file = r.ca_file.as_ref().map(|f| resolve(c.base, &f.value));
     if let (Some(file), Some(spanned)) = (&ca_file, &r.ca_file) {
-        if let Err(e) = crate::tls::load_roots(file) {
+        if let Err(e) = crate::wire::tls::load_roots(file) {
             c.at(spanned.referenced, e);
         }
     }

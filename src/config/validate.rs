@@ -8,64 +8,14 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde_saphyr::{Location, Spanned};
 
-use super::raw::{RawConfig, RawIdentity, RawLimits, RawRoute, SizeText};
+use super::check::Check;
+use super::raw::{RawConfig, RawIdentity, RawLimits, RawRoute};
 use super::{
-    default_state_file, folder_of, parse_duration, parse_size, resolve, Config, IdentityHeaders,
-    Limits, LogFormat, Problem, Problems, TlsFiles, DEFAULT_LISTEN,
+    default_state_file, folder_of, parse_duration, resolve, Config, IdentityHeaders, Limits,
+    LogFormat, Problem, Problems, TlsFiles, DEFAULT_LISTEN,
 };
+use crate::config::routes::RouteTable;
 use crate::keys::check_scope;
-use crate::routes::RouteTable;
-
-/// What validation has found so far, and what every section needs to report it.
-pub(super) struct Check<'a> {
-    /// The config file, named in every problem.
-    pub(super) path: &'a Path,
-    /// The config's folder: relative paths are read against it.
-    pub(super) base: &'a Path,
-    pub(super) problems: Vec<Problem>,
-    pub(super) warnings: Vec<Problem>,
-}
-
-impl Check<'_> {
-    /// Records a problem at `loc`.
-    pub(super) fn at(&mut self, loc: Location, message: impl Into<String>) {
-        self.problems.push(Problem::at(self.path, loc, message));
-    }
-
-    /// A size field; zero is refused, since no limit of zero bytes is meant.
-    pub(super) fn size_value(&mut self, s: &Spanned<SizeText>) -> Option<u64> {
-        let r = match &s.value {
-            SizeText::Bytes(n) => Ok(*n),
-            SizeText::Text(t) => parse_size(t),
-        };
-        match r {
-            Ok(0) => {
-                self.at(s.referenced, "size must be greater than zero");
-                None
-            }
-            Ok(n) => Some(n),
-            Err(e) => {
-                self.at(s.referenced, e);
-                None
-            }
-        }
-    }
-
-    /// A duration field that must not be zero; `what` names it in the problem.
-    pub(super) fn duration_value(&mut self, s: &Spanned<String>, what: &str) -> Option<Duration> {
-        match parse_duration(&s.value) {
-            Ok(d) if d.is_zero() => {
-                self.at(s.referenced, format!("{what} must be greater than zero"));
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                self.at(s.referenced, e);
-                None
-            }
-        }
-    }
-}
 
 /// Checks `raw`; `problems` already holds what the parse found (unknown keys).
 pub(super) fn validate(
@@ -172,7 +122,7 @@ fn identity(c: &mut Check<'_>, ident: Option<&RawIdentity>) -> IdentityHeaders {
         (&identity.key_id, key_id_at),
         (&identity.service_account, account_at),
     ] {
-        if let Some(s) = spanned.filter(|_| crate::headers::is_reserved(name)) {
+        if let Some(s) = spanned.filter(|_| crate::wire::headers::is_reserved(name)) {
             c.at(
                 s.referenced,
                 format!("identity header {name} would clash with a header the gateway manages"),

@@ -1,9 +1,9 @@
 //! Authorization: look the credential's key up by hash, check revocation, expiry and scopes.
 //! Yields a [`Permit`], the only thing `forward` accepts; it carries what to strip.
 
+use crate::config::routes::Route;
 use crate::keys::{self, KeyEntry, KeyStore};
 use crate::proxy::credential::{Carrier, Credential, Found};
-use crate::routes::Route;
 
 /// Unix seconds now, the clock expiry is judged by.
 pub fn now_secs() -> i64 {

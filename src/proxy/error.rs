@@ -6,7 +6,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 
 use crate::proxy::authorize::AuthError;
-use crate::proxy::forward::ForwardError;
+use crate::proxy::upstream::ForwardError;
 use crate::wire::path::PathError;
 
 /// Everything the request path can answer instead of forwarding.

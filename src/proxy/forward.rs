@@ -2,196 +2,23 @@
 //! enforces the route's body limit and timeout; splices upgraded (WebSocket) connections.
 
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 
+use crate::config::routes::UpstreamScheme;
 use crate::config::IdentityHeaders;
 use crate::proxy::authorize::Permit;
 use crate::proxy::tunnel;
-use crate::proxy::upstream::Forwarder;
-use crate::routes::UpstreamScheme;
+use crate::proxy::upstream::{
+    BodyFault, Failure, ForwardError, Forwarder, RequestBody, DEFAULT_TIMEOUT,
+};
 use crate::wire::headers;
 
-/// Deadline for an upstream's response head when the route sets none.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What went wrong with an unavailable upstream, for the access log's `error` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The connection was refused.
-    Refused,
-    /// The connection could not be made in `upstream_connect_timeout`.
-    ConnectTimeout,
-    /// Name resolution or another connect failure.
-    Connect,
-    /// The TLS handshake failed (certificate, name, protocol).
-    Tls,
-    /// The connection was reset or closed before a complete response.
-    Reset,
-    /// The upstream answered something that is not HTTP, or switched protocols unasked.
-    BadResponse,
-}
-
-impl Failure {
-    /// The log spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::Refused => "refused",
-            Failure::ConnectTimeout => "connect_timeout",
-            Failure::Connect => "connect",
-            Failure::Tls => "tls",
-            Failure::Reset => "reset",
-            Failure::BadResponse => "bad_response",
-        }
-    }
-
-    /// Classifies a client error by walking its source chain.
-    fn of(err: &(dyn std::error::Error + 'static)) -> Failure {
-        let mut connect = false;
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = cur {
-            if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-                connect |= c.is_connect();
-            }
-            if e.downcast_ref::<rustls::Error>().is_some() {
-                return Failure::Tls;
-            }
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                match io.kind() {
-                    std::io::ErrorKind::ConnectionRefused => return Failure::Refused,
-                    std::io::ErrorKind::TimedOut if connect => return Failure::ConnectTimeout,
-                    std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof => return Failure::Reset,
-                    _ if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
-                        return Failure::Tls
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(h) = e.downcast_ref::<hyper::Error>() {
-                if h.is_parse() || h.is_parse_status() {
-                    return Failure::BadResponse;
-                }
-                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return Failure::Reset;
-                }
-            }
-            cur = e.source();
-        }
-        if connect {
-            Failure::Connect
-        } else {
-            Failure::Reset
-        }
-    }
-}
-
-/// Why an upstream exchange failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ForwardError {
-    /// Refused, reset, unreachable, or answered with garbage.
-    #[error("the upstream service is unavailable")]
-    Unavailable(Failure),
-    /// No response within the route's timeout.
-    #[error("the upstream service did not answer in time")]
-    Timeout,
-    /// The request body is larger than the route's `max_body`.
-    #[error("the request body is larger than this route accepts")]
-    BodyTooLarge,
-    /// The client's request body was malformed or cut short.
-    #[error("the request body is malformed or incomplete")]
-    BadBody,
-}
-
-/// A request body on its way upstream, cut off once it passes the route's `max_body`.
-pub struct RequestBody {
-    inner: Incoming,
-    remaining: u64,
-    fault: Option<Arc<BodyFault>>,
-    /// Identity header names to remove from request trailers (bodies with content only).
-    identity: Option<[http::HeaderName; 2]>,
-}
-
-/// Why a request body stopped early, so the failed exchange is blamed on the right side.
-#[derive(Default)]
-struct BodyFault {
-    too_large: AtomicBool,
-    client_error: AtomicBool,
-}
-
-/// The error a cut-off body reports to the upstream client.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// Over `max_body`.
-    #[error("request body over the route's limit")]
-    TooLarge,
-    /// The client's stream failed.
-    #[error(transparent)]
-    Client(#[from] hyper::Error),
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(mut frame))) => {
-                if let Some(t) = frame.trailers_mut() {
-                    // Trailers reach the upstream too: no key or forged identity in them.
-                    let names = this.identity.as_ref().map_or(&[][..], |n| &n[..]);
-                    let refs: [&http::HeaderName; 2] = match names {
-                        [a, b] => [a, b],
-                        _ => [&AUTHORIZATION, &AUTHORIZATION],
-                    };
-                    headers::strip_trailers(t, &refs);
-                }
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        if let Some(f) = &this.fault {
-                            f.too_large.store(true, Ordering::Relaxed);
-                        }
-                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                    }
-                    this.remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(f) = &this.fault {
-                    f.client_error.store(true, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 /// Facts about the downstream request that forwarding needs.
 pub struct Downstream<'a> {
     /// Normalized path.
@@ -321,7 +148,7 @@ fn upstream_headers(
 fn blame(
     e: &hyper_util::client::legacy::Error,
     fault: Option<&BodyFault>,
-    route: &crate::routes::Route,
+    route: &crate::config::routes::Route,
 ) -> ForwardError {
     if let Some(f) = fault {
         if f.too_large.load(Ordering::Relaxed) {

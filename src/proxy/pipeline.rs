@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
+use crate::config::routes::{host_without_port, Route};
 use crate::config::Config;
 use crate::control::snapshot::Snapshot;
 use crate::ops::accesslog::{AccessLog, Entry};
@@ -21,10 +22,9 @@ use crate::ops::metrics::{AuthOutcome, Metrics};
 use crate::proxy::authorize::{self, AuthError, Permit};
 use crate::proxy::credential::{self, Credential};
 use crate::proxy::error::{self, GatewayError};
-use crate::proxy::forward::{self, Downstream, ForwardError};
+use crate::proxy::forward::{self, Downstream};
 use crate::proxy::observe::{ConnState, Finish, ObservedBody};
-use crate::proxy::upstream;
-use crate::routes::{host_without_port, Route};
+use crate::proxy::upstream::{self, ForwardError};
 use crate::wire::{headers, path};
 
 /// Shared state of a running gateway.

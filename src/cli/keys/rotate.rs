@@ -5,7 +5,7 @@ use clap::Args;
 use time::OffsetDateTime;
 
 use super::{expiry, failure, new_id, print_issued, usage, Failure, Output, Target, Terms};
-use crate::keyfile;
+use crate::keys::file as keyfile;
 use crate::keys::{self, KeyRecord};
 
 /// `keys rotate` options.

@@ -22,10 +22,7 @@ pub fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&
 pub fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
     watched_files(config_path, snapshot)
         .into_iter()
-        .map(|p| match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        })
+        .map(|p| crate::config::folder_of(p).to_path_buf())
         .collect()
 }
 

@@ -394,7 +394,7 @@ mod props {
         let routes = prefixes
             .iter()
             .enumerate()
-            .map(|(i, p)| super::tests::route(&format!("r{i}"), p, None, None));
+            .map(|(i, p)| crate::config::routes::tests::route(&format!("r{i}"), p, None, None));
         RouteTable::new(routes.collect())
     }
 
