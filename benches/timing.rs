@@ -8,7 +8,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use keygate::auth::{authorize, Credential};
+use keygate::proxy::authorize::authorize;
+use keygate::proxy::credential::{Carrier, Credential, Found};
 use keygate::config::Config;
 use keygate::keys::{self, KeyRecord, KeyStore};
 
@@ -86,7 +87,7 @@ fn main() {
         .chain(&near_imported)
         .chain(&far_imported)
     {
-        assert!(authorize(route, &store, Credential::ApiKey(k.as_bytes()), 0).is_err());
+        assert!(authorize(route, &store, found(k.as_bytes()), 0).is_err());
     }
 
     // Pairs that must be indistinguishable: a near miss and a random key of the same format.
@@ -109,7 +110,7 @@ fn main() {
                     authorize(
                         route,
                         &store,
-                        Credential::ApiKey(black_box(k.as_bytes())),
+                        found(black_box(k.as_bytes())),
                         0,
                     )
                     .is_err(),
@@ -144,5 +145,13 @@ fn main() {
     }
     if failed {
         std::process::exit(1);
+    }
+}
+
+/// A key presented as `Authorization: Api-Key <key>`.
+fn found(key: &[u8]) -> Found<'_> {
+    Found {
+        credential: Credential::ApiKey(key),
+        carrier: Some(Carrier::Authorization),
     }
 }

@@ -1,6 +1,6 @@
 //! The Authorization parser and the kg_ checksum check take any bytes without panicking.
 #![no_main]
-use keygate::auth::{parse_authorization, Credential};
+use keygate::proxy::credential::{parse_authorization, Credential};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,10 +4,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(n) = keygate::path::normalize(text) {
+    if let Ok(n) = keygate::wire::path::normalize(text) {
         assert!(n.starts_with('/'));
         assert!(!n.contains("//"));
         assert!(n.split('/').all(|s| s != "." && s != ".."));
-        assert_eq!(keygate::path::normalize(&n).as_deref(), Ok(&*n));
+        assert_eq!(keygate::wire::path::normalize(&n).as_deref(), Ok(&*n));
     }
 });

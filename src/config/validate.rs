@@ -284,6 +284,7 @@ fn routes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_size;
 
     fn parse(text: &str) -> Result<Config, Problems> {
         Config::parse(Path::new("cfg/keygate.yaml"), text)

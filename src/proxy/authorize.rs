@@ -153,68 +153,7 @@ pub fn authorize<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scheme_is_case_insensitive() {
-        assert_eq!(
-            parse_authorization(b"Api-Key abc"),
-            Credential::ApiKey(b"abc")
-        );
-        assert_eq!(
-            parse_authorization(b"API-KEY abc"),
-            Credential::ApiKey(b"abc")
-        );
-        assert_eq!(
-            parse_authorization(b"api-key abc"),
-            Credential::ApiKey(b"abc")
-        );
-    }
-
-    #[test]
-    fn exactly_one_token() {
-        assert_eq!(parse_authorization(b"Api-Key"), Credential::MalformedApiKey);
-        assert_eq!(
-            parse_authorization(b"Api-Key "),
-            Credential::MalformedApiKey
-        );
-        assert_eq!(
-            parse_authorization(b"Api-Key a b"),
-            Credential::MalformedApiKey
-        );
-        assert_eq!(
-            parse_authorization(b"Api-Key  a"),
-            Credential::MalformedApiKey
-        );
-        assert_eq!(
-            parse_authorization(b"Api-Key a\tb"),
-            Credential::MalformedApiKey
-        );
-    }
-
-    #[test]
-    fn other_schemes() {
-        assert_eq!(
-            parse_authorization(b"Bearer x"),
-            Credential::OtherScheme {
-                scheme: b"Bearer",
-                has_credential: true
-            }
-        );
-        assert_eq!(
-            parse_authorization(b"Api-Keyx y"),
-            Credential::OtherScheme {
-                scheme: b"Api-Keyx",
-                has_credential: true
-            }
-        );
-        assert_eq!(
-            parse_authorization(b"kg_abc"),
-            Credential::OtherScheme {
-                scheme: b"kg_abc",
-                has_credential: false
-            }
-        );
-    }
+    use crate::proxy::credential::parse_authorization;
 
     #[test]
     fn only_short_token_schemes_are_named_back() {

@@ -214,10 +214,10 @@ fn pkcs8_rsa_and_sec1_keys_load_and_mismatches_are_refused() {
             "ec" => "BEGIN EC PRIVATE KEY",
             _ => "BEGIN PRIVATE KEY",
         }));
-        keygate::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
+        keygate::wire::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
             .unwrap_or_else(|e| panic!("{k}: {e}"));
     }
-    let Err(err) = keygate::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key")) else {
+    let Err(err) = keygate::wire::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key")) else {
         panic!("mismatched pair loaded");
     };
     assert!(err.contains("do not form a pair"), "{err}");
