@@ -8,10 +8,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use keygate::proxy::authorize::authorize;
-use keygate::proxy::credential::{Carrier, Credential, Found};
 use keygate::config::Config;
 use keygate::keys::{self, KeyRecord, KeyStore};
+use keygate::proxy::authorize::authorize;
+use keygate::proxy::credential::{Carrier, Credential, Found};
 
 const BATCH: usize = 200;
 const BATCHES: usize = 3000;
@@ -106,15 +106,7 @@ fn main() {
             let keys = classes[c].1;
             let t = Instant::now();
             for k in keys.iter() {
-                black_box(
-                    authorize(
-                        route,
-                        &store,
-                        found(black_box(k.as_bytes())),
-                        0,
-                    )
-                    .is_err(),
-                );
+                black_box(authorize(route, &store, found(black_box(k.as_bytes())), 0).is_err());
             }
             samples[c].push(t.elapsed().as_nanos() as f64 / BATCH as f64);
         }

@@ -21,9 +21,9 @@
 
 pub mod cli;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod keys;
-pub mod ops;
+pub(crate) mod ops;
 pub mod proxy;
 pub mod wire;
 

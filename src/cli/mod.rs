@@ -1,8 +1,8 @@
 //! Command line: `serve | demo | validate | keys ...`, parsed with clap derive.
 
-pub mod demo;
-pub mod exit;
-pub mod keys;
+pub(crate) mod demo;
+pub(crate) mod exit;
+pub(crate) mod keys;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

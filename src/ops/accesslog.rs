@@ -235,7 +235,8 @@ impl Entry {
         }
     }
 
-    /// Formats the line (no trailing newline).
+    /// Formats the line (no trailing newline); the writer thread reuses a buffer instead.
+    #[cfg(test)]
     pub fn format(&self, format: LogFormat) -> String {
         let mut out = String::with_capacity(320);
         self.format_into(format, &mut Clock::default(), &mut out);

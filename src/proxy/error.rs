@@ -119,16 +119,6 @@ impl GatewayError {
     pub fn grpc_code(&self) -> u8 {
         self.classify().2 as u8
     }
-
-    /// The machine-readable error code.
-    pub fn code(&self) -> &'static str {
-        self.classify().1
-    }
-
-    /// The HTTP status this error is answered with (for JSON clients).
-    pub fn status(&self) -> StatusCode {
-        self.classify().0
-    }
 }
 
 #[derive(serde::Serialize)]

@@ -3,12 +3,12 @@
 //! into responses and `observe` reports every response's end.
 
 pub mod authorize;
-pub mod conn;
+pub(crate) mod conn;
 pub mod credential;
-pub mod error;
-pub mod forward;
-pub mod listener;
-pub mod observe;
-pub mod pipeline;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod error;
+pub(crate) mod forward;
+pub(crate) mod listener;
+pub(crate) mod observe;
+pub(crate) mod pipeline;
+pub(crate) mod tunnel;
+pub(crate) mod upstream;
