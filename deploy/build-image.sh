@@ -22,7 +22,8 @@ RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
   cargo build --release --locked --target "$target" --bin keygate
 
 bin="$static_dir/$target/release/keygate"
-if ldd "$bin" >/dev/null 2>&1; then
+# static-pie binaries still have a dynamic section, so look for needed libraries, not for one.
+if readelf -d "$bin" | grep -q "(NEEDED)"; then
   echo "build-image: $bin is dynamically linked; refusing to pack it into a scratch image" >&2
   exit 1
 fi
