@@ -328,16 +328,20 @@ fn reload_tls(r: &Reloader, fp: &mut Fingerprints, config: &Config, said: &mut C
     true
 }
 
-/// Hashes are not secrets, but they let anyone who reads them test guesses offline.
+/// Warns when users outside the file's owner and group can read or change the key file.
+///
+/// Hashes are not secrets, but they let anyone who reads them test guesses offline. Group
+/// access is fine: a Kubernetes Secret mounted with `fsGroup` is group-readable by design, and
+/// the operator cannot chmod it.
 fn warn_if_exposed(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
+        if mode & 0o006 != 0 {
             tracing::warn!(
                 file = %path.display(),
                 mode = format!("{:o}", mode & 0o777),
-                "key file is readable by group or others; `chmod 600` it"
+                "key file is readable or writable by others; `chmod o-rwx` it"
             );
         }
     }
