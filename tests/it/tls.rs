@@ -37,7 +37,7 @@ fn curl(args: &[&str]) -> (String, bool) {
         .args(["-s", "--max-time", "10"])
         .args(args)
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("curl: {e} (.ci/run installs it)"));
     (
         String::from_utf8_lossy(&out.stdout).to_string(),
         out.status.success(),
