@@ -141,6 +141,10 @@ async fn h2c_upgrade_is_never_forwarded() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "peers"),
+    ignore = "needs outside peers: cargo test --features peers"
+)]
 async fn hypercorn_h2c_upgrade_gets_no_tunnel() {
     if !peer_available(
         "hypercorn",
@@ -503,6 +507,10 @@ impl Drop for Nginx {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "peers"),
+    ignore = "needs outside peers: cargo test --features peers"
+)]
 async fn h2c_upstream_nginx_gets_the_client_host_as_authority() {
     let Some(nginx) = Nginx::start().await else {
         return;

@@ -139,6 +139,10 @@ async fn http10_upstream_answer_keeps_the_clients_version() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "peers"),
+    ignore = "needs outside peers: cargo test --features peers"
+)]
 async fn clients_cannot_flood_the_log_through_tls_handshakes() {
     if !peer_available("openssl", Command::new("openssl").arg("version")) {
         return;

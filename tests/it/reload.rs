@@ -21,6 +21,19 @@ async fn setup(keys: &[&TestKey]) -> (Upstream, Gateway) {
     (up, gw)
 }
 
+/// `setup` with an admin listener, whose reload counters tell when a write was read.
+async fn setup_admin(keys: &[&TestKey]) -> (Upstream, Gateway, std::net::SocketAddr) {
+    let up = Upstream::start().await;
+    let admin = free_loopback_addr();
+    let gw = Gateway::start_with(
+        &format!("admin_listen: {admin}\n"),
+        &route("api", "/api/", &up.url(), "    scopes: []\n"),
+        keys,
+    )
+    .await;
+    (up, gw, admin)
+}
+
 #[tokio::test]
 async fn in_place_write_is_picked_up() {
     let a = TestKey::new("a", "sa", &[]);
@@ -106,7 +119,7 @@ async fn kubernetes_data_symlink_swap_is_picked_up() {
 async fn invalid_file_keeps_the_last_good_snapshot() {
     let a = TestKey::new("a", "sa", &[]);
     let b = TestKey::new("b", "sa", &[]);
-    let (_up, gw) = setup(&[&a]).await;
+    let (_up, gw, admin) = setup_admin(&[&a]).await;
     let bad_texts = [
         format!("keys:\n{}    surprise: 1\n", b.entry()),
         "keys:\n  - id: [broken\n".to_string(),
@@ -114,8 +127,12 @@ async fn invalid_file_keeps_the_last_good_snapshot() {
         format!("keys:\n{}", b.entry().replace("sha256:", "md5:")),
     ];
     for bad in &bad_texts {
+        let before = reloads(admin, "error").await;
         write(&gw.path("keys.yaml"), bad);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            reload_counted(admin, "keys", "error", before).await,
+            "{bad:?} was never read"
+        );
         assert_eq!(
             status(&gw, "/api/x", &a).await,
             200,
@@ -124,11 +141,13 @@ async fn invalid_file_keeps_the_last_good_snapshot() {
         assert_eq!(status(&gw, "/api/x", &b).await, 401);
     }
     // Deleted, then replaced by a directory: still serving.
+    let before = reloads(admin, "error").await;
     std::fs::remove_file(gw.path("keys.yaml")).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(reload_counted(admin, "keys", "error", before).await);
     assert_eq!(status(&gw, "/api/x", &a).await, 200);
+    let before = reloads(admin, "error").await;
     std::fs::create_dir(gw.path("keys.yaml")).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(reload_counted(admin, "keys", "error", before).await);
     assert_eq!(status(&gw, "/api/x", &a).await, 200);
     std::fs::remove_dir(gw.path("keys.yaml")).unwrap();
     write(&gw.path("keys.yaml"), &key_file(&[&b]));
@@ -140,20 +159,21 @@ async fn invalid_file_keeps_the_last_good_snapshot() {
 #[tokio::test]
 async fn config_changes_reload_routes_and_bad_config_keeps_old() {
     let a = TestKey::new("a", "sa", &[]);
-    let (up, gw) = setup(&[&a]).await;
+    let (up, gw, admin) = setup_admin(&[&a]).await;
     assert_eq!(status(&gw, "/new/x", &a).await, 404);
     let good = format!(
-        "keys_file: keys.yaml\nroutes:\n{}{}",
+        "admin_listen: {admin}\nkeys_file: keys.yaml\nroutes:\n{}{}",
         route("api", "/api/", &up.url(), "    scopes: []\n"),
         route("new", "/new/", &up.url(), "    scopes: []\n")
     );
     write(&gw.path("keygate.yaml"), &good);
     assert!(becomes(&gw, "/new/x", &a, 200).await);
+    let before = reload_count(admin, "config", "error").await;
     write(
         &gw.path("keygate.yaml"),
         &good.replace("path_prefix: /new/", "path_prefx: /new/"),
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(reload_counted(admin, "config", "error", before).await);
     assert_eq!(status(&gw, "/new/x", &a).await, 200);
     gw.stop().await;
 }
@@ -382,12 +402,7 @@ async fn restart_only_settings_are_named_when_changed() {
 }
 
 async fn reloads(admin: std::net::SocketAddr, result: &str) -> u64 {
-    let body = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap_or_default();
-    let want = format!("keygate_reloads_total{{file=\"keys\",result=\"{result}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    reload_count(admin, "keys", result).await
 }
 
 #[tokio::test]

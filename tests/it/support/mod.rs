@@ -526,6 +526,33 @@ where
     false
 }
 
+/// `keygate_reloads_total{file, result}` on the admin listener `admin` (0 before the first one):
+/// the event a test waits for instead of sleeping after a write that must change nothing.
+pub async fn reload_count(admin: SocketAddr, file: &str, result: &str) -> u64 {
+    let body = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap_or_default();
+    let want = format!("keygate_reloads_total{{file=\"{file}\",result=\"{result}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the `file` reload counter for `result` passes `before`.
+pub async fn reload_counted(admin: SocketAddr, file: &str, result: &str, before: u64) -> bool {
+    eventually(10, || async {
+        reload_count(admin, file, result).await > before
+    })
+    .await
+}
+
+/// A free port on 127.0.0.1, for listeners the gateway binds itself (`admin_listen`).
+pub fn free_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// A route item for a config.
 pub fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
     format!("  - name: {name}\n    path_prefix: {prefix}\n    upstream: {upstream}\n{extra}")
@@ -569,8 +596,9 @@ pub async fn raw_statuses(addr: SocketAddr, request: &[u8]) -> Vec<u16> {
 
 /// True when an external test peer (a command, or `python3 -c` import) is installed.
 ///
-/// Locally a missing peer skips the test loudly; under CI (`CI` set) it fails, since `.ci/run`
-/// installs every peer.
+/// Tests that need one are ignored unless the `peers` feature is on, and `.ci/run` installs every
+/// peer before it runs them, so under the feature a missing peer fails loudly. Without the
+/// feature (a test not yet marked) it skips loudly.
 pub fn peer_available(what: &str, probe: &mut std::process::Command) -> bool {
     let ok = probe
         .stdout(std::process::Stdio::null())
@@ -578,10 +606,9 @@ pub fn peer_available(what: &str, probe: &mut std::process::Command) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{what} is required under CI (.ci/run installs it)"
-        );
+        if cfg!(feature = "peers") {
+            panic!("{what} is required with --features peers (.ci/run installs it)");
+        }
         eprintln!("SKIPPED: {what} is not installed here");
     }
     ok
