@@ -392,10 +392,10 @@ fn rsa_pkcs1_sec1_and_pkcs8_keys_load_and_mismatches_are_refused() {
     for (k, key, cert) in &cases {
         write(&d.join(format!("{k}.key")), key);
         write(&d.join(format!("{k}.crt")), cert);
-        keygate::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
+        keygate::wire::tls::load_pair(&d.join(format!("{k}.crt")), &d.join(format!("{k}.key")))
             .unwrap_or_else(|e| panic!("{k}: {e}"));
     }
-    let Err(err) = keygate::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key")) else {
+    let Err(err) = keygate::wire::tls::load_pair(&d.join("rsa.crt"), &d.join("ec.key")) else {
         panic!("mismatched pair loaded");
     };
     assert!(err.contains("do not form a pair"), "{err}");
