@@ -15,7 +15,10 @@ use crate::keys::file::{self as keyfile, KeyFileError};
 use crate::keys::last_used as state;
 use crate::keys::{self, KeyRecord};
 
+mod list;
 mod rotate;
+
+use list::{list_json, list_text};
 pub use rotate::RotateArgs;
 
 /// Output format.
@@ -291,17 +294,6 @@ fn print_issued(out: Output, rec: &KeyRecord, key: &str, replaces: Option<&str>)
     }
 }
 
-/// The status `list` shows.
-pub fn status(rec: &KeyRecord, now: OffsetDateTime) -> &'static str {
-    if rec.revoked_at.is_some() {
-        "revoked"
-    } else if rec.expires_at.is_some_and(|t| t <= now) {
-        "expired"
-    } else {
-        "active"
-    }
-}
-
 /// A newly issued (or imported) key's record; the id is filled in under the file lock.
 pub(crate) struct Terms<'a> {
     pub(crate) service_account: &'a str,
@@ -491,75 +483,4 @@ fn revoke(out: Output, t: &Target, id: &str, now: OffsetDateTime) -> Result<(), 
         ),
     }
     Ok(())
-}
-
-fn last_used_text(st: &state::State, id: &str) -> Option<String> {
-    state::last_used_secs(st, id)
-        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
-        .map(keys::format_time)
-}
-
-fn list_json(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> String {
-    let rows: Vec<serde_json::Value> = records
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "id": r.id,
-                "service_account": r.service_account,
-                "scopes": r.scopes,
-                "description": r.description,
-                "created_at": r.created_at.map(keys::format_time),
-                "expires_at": r.expires_at.map(keys::format_time),
-                "revoked_at": r.revoked_at.map(keys::format_time),
-                "last_used": last_used_text(st, &r.id),
-                "status": status(r, now),
-            })
-        })
-        .collect();
-    serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
-}
-
-fn list_text(records: &[KeyRecord], st: &state::State, now: OffsetDateTime) -> String {
-    let header = [
-        "ID",
-        "SERVICE ACCOUNT",
-        "SCOPES",
-        "CREATED",
-        "EXPIRES",
-        "LAST USED",
-        "STATUS",
-    ];
-    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
-    for r in records {
-        rows.push([
-            r.id.clone(),
-            r.service_account.clone(),
-            r.scopes.join(","),
-            r.created_at
-                .map(keys::format_time)
-                .unwrap_or_else(|| "-".into()),
-            r.expires_at
-                .map(keys::format_time)
-                .unwrap_or_else(|| "never".into()),
-            last_used_text(st, &r.id).unwrap_or_else(|| "never".into()),
-            status(r, now).to_string(),
-        ]);
-    }
-    let mut widths = [0usize; 7];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }

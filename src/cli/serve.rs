@@ -41,20 +41,7 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new());
     let (snapshot, fingerprints) = reload::load(config_path, &metrics)?;
     let config = snapshot.config.clone();
-    let tls = match &config.tls {
-        None => None,
-        Some(files) => {
-            let pair = tls::load_pair(&files.cert, &files.key)
-                .map_err(|e| Problems(vec![config::Problem::whole(config_path, e)]))?;
-            let resolver = Arc::new(tls::CertResolver::new(pair));
-            let server_config = tls::server_config(resolver.clone())
-                .map_err(|e| Problems(vec![config::Problem::whole(config_path, e)]))?;
-            Some((
-                resolver,
-                tokio_rustls::TlsAcceptor::from(Arc::new(server_config)),
-            ))
-        }
-    };
+    let tls = listener_tls(&config, config_path)?;
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
@@ -123,6 +110,24 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// The listener's certificate resolver (for hot swaps) and acceptor, when TLS is on.
+fn listener_tls(
+    config: &config::Config,
+    config_path: &Path,
+) -> Result<Option<(Arc<tls::CertResolver>, tokio_rustls::TlsAcceptor)>, Problems> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    let whole = |e| Problems(vec![config::Problem::whole(config_path, e)]);
+    let pair = tls::load_pair(&files.cert, &files.key).map_err(whole)?;
+    let resolver = Arc::new(tls::CertResolver::new(pair));
+    let server_config = tls::server_config(resolver.clone()).map_err(whole)?;
+    Ok(Some((
+        resolver,
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_config)),
+    )))
 }
 
 /// Writes last-used times when they changed since the previous write.

@@ -1,14 +1,12 @@
 //! Snapshots and hot reload: watch the config and key files, parse and validate off the
 //! request path, swap the snapshot atomically. A bad file keeps the last good snapshot.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -23,7 +21,7 @@ mod settle;
 mod watch;
 use complaint::{Complaints, File};
 use settle::{settle, Look, Settled};
-use watch::{relevant, watch_dirs, watched_files};
+use watch::Watch;
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -361,46 +359,8 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
     let current = reloader.current.clone();
     let config_path = reloader.config_path.clone();
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let notify_tx = tx.clone();
-    // Other files in the same folders (logs, state, editor swap files) must not cause re-reads.
-    let names: Arc<ArcSwap<BTreeSet<std::ffi::OsString>>> = Arc::default();
-    let watcher_names = names.clone();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            if relevant(&event, &watcher_names.load()) {
-                // A full channel already holds a pending reload.
-                let _ = notify_tx.try_send(());
-            }
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "file watching unavailable; relying on SIGHUP and periodic re-check");
-            None
-        }
-    };
-    let mut watched = BTreeSet::new();
-    let mut rewatch = |watcher: &mut Option<notify::RecommendedWatcher>, snapshot: &Snapshot| {
-        let Some(w) = watcher.as_mut() else { return };
-        names.store(Arc::new(
-            watched_files(&config_path, snapshot)
-                .into_iter()
-                .filter_map(|p| p.file_name().map(ToOwned::to_owned))
-                .collect(),
-        ));
-        let want = watch_dirs(&config_path, snapshot);
-        for dir in watched.difference(&want) {
-            let _ = w.unwatch(dir);
-        }
-        for dir in want.difference(&watched) {
-            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder");
-            }
-        }
-        watched = want;
-    };
-    rewatch(&mut watcher, &current.load());
+    let mut watch = Watch::start(config_path.clone(), tx);
+    watch.follow(&current.load());
 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut recheck = tokio::time::interval(RECHECK_EVERY);
@@ -439,7 +399,7 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
                 (f, s, settled)
             })
             .await;
-            rewatch(&mut watcher, &current.load());
+            watch.follow(&current.load());
             match done {
                 Ok((f, s, settled)) => {
                     fp = f;

@@ -144,94 +144,98 @@ impl Entry {
         let ms = self.duration * 1000.0;
         let request_id = self.request_id.to_str().unwrap_or("-");
         match format {
-            LogFormat::Json => {
-                out.push_str("{\"time\":\"");
-                clock.write(out, self.time);
-                out.push_str("\",\"request_id\":");
-                json_str(out, request_id);
-                let _ = write!(out, ",\"client\":\"{}\",\"method\":", self.client);
-                json_str(out, self.method.as_str());
-                out.push_str(",\"path\":");
-                json_str(out, self.path());
-                // Method "-" marks a head hyper refused: there is no raw path to show.
-                if self.normalized.is_some() && self.method.as_str() != "-" {
-                    out.push_str(",\"raw_path\":");
-                    json_str(out, self.uri.path());
-                }
-                out.push_str(",\"host\":");
-                json_opt(out, text_of(&self.host));
-                out.push_str(",\"user_agent\":");
-                json_opt(out, text_of(&self.user_agent));
-                out.push_str(",\"route\":");
-                json_opt(out, self.route.as_deref());
-                let _ = write!(
-                    out,
-                    ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"key_id\":",
-                    self.status, ms, self.bytes
-                );
-                json_opt(out, text_of(&self.key_id));
-                out.push_str(",\"service_account\":");
-                json_opt(out, text_of(&self.service_account));
-                let _ = write!(
-                    out,
-                    ",\"auth\":\"{}\",\"upstream_status\":",
-                    self.auth.as_str()
-                );
-                json_num(out, self.upstream_status);
-                out.push_str(",\"upstream\":");
-                json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
-                out.push_str(",\"upstream_ms\":");
-                json_num(out, self.upstream_ms.map(|ms| format!("{ms:.3}")));
-                out.push_str(",\"error\":");
-                json_opt(out, self.error);
-                out.push_str(",\"grpc_status\":");
-                json_num(out, self.grpc_status);
-                out.push('}');
+            LogFormat::Json => self.json_into(clock, out, ms, request_id),
+            LogFormat::Text => self.text_into(clock, out, ms, request_id),
+        }
+    }
+
+    fn json_into(&self, clock: &mut Clock, out: &mut String, ms: f64, request_id: &str) {
+        out.push_str("{\"time\":\"");
+        clock.write(out, self.time);
+        out.push_str("\",\"request_id\":");
+        json_str(out, request_id);
+        let _ = write!(out, ",\"client\":\"{}\",\"method\":", self.client);
+        json_str(out, self.method.as_str());
+        out.push_str(",\"path\":");
+        json_str(out, self.path());
+        // Method "-" marks a head hyper refused: there is no raw path to show.
+        if self.normalized.is_some() && self.method.as_str() != "-" {
+            out.push_str(",\"raw_path\":");
+            json_str(out, self.uri.path());
+        }
+        out.push_str(",\"host\":");
+        json_opt(out, text_of(&self.host));
+        out.push_str(",\"user_agent\":");
+        json_opt(out, text_of(&self.user_agent));
+        out.push_str(",\"route\":");
+        json_opt(out, self.route.as_deref());
+        let _ = write!(
+            out,
+            ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"key_id\":",
+            self.status, ms, self.bytes
+        );
+        json_opt(out, text_of(&self.key_id));
+        out.push_str(",\"service_account\":");
+        json_opt(out, text_of(&self.service_account));
+        let _ = write!(
+            out,
+            ",\"auth\":\"{}\",\"upstream_status\":",
+            self.auth.as_str()
+        );
+        json_num(out, self.upstream_status);
+        out.push_str(",\"upstream\":");
+        json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
+        out.push_str(",\"upstream_ms\":");
+        json_num(out, self.upstream_ms.map(|ms| format!("{ms:.3}")));
+        out.push_str(",\"error\":");
+        json_opt(out, self.error);
+        out.push_str(",\"grpc_status\":");
+        json_num(out, self.grpc_status);
+        out.push('}');
+    }
+
+    fn text_into(&self, clock: &mut Clock, out: &mut String, ms: f64, request_id: &str) {
+        clock.write(out, self.time);
+        let _ = write!(
+            out,
+            " {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream=",
+            request_id,
+            self.client,
+            self.method,
+            self.path().escape_debug(),
+            self.status,
+            self.bytes,
+            ms,
+            self.route.as_deref().unwrap_or("-"),
+            text_of(&self.key_id).unwrap_or("-"),
+            text_of(&self.service_account).unwrap_or("-"),
+            self.auth.as_str(),
+        );
+        match self.upstream_status {
+            Some(s) => {
+                let _ = write!(out, "{s}");
             }
-            LogFormat::Text => {
-                clock.write(out, self.time);
-                let _ = write!(
-                    out,
-                    " {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream=",
-                    request_id,
-                    self.client,
-                    self.method,
-                    self.path().escape_debug(),
-                    self.status,
-                    self.bytes,
-                    ms,
-                    self.route.as_deref().unwrap_or("-"),
-                    text_of(&self.key_id).unwrap_or("-"),
-                    text_of(&self.service_account).unwrap_or("-"),
-                    self.auth.as_str(),
-                );
-                match self.upstream_status {
-                    Some(s) => {
-                        let _ = write!(out, "{s}");
-                    }
-                    None => out.push('-'),
-                }
-                if self.normalized.is_some() {
-                    let _ = write!(out, " raw_path={}", self.uri.path().escape_debug());
-                }
-                let _ = write!(
-                    out,
-                    " host={} ua=\"{}\" upstream_addr={} upstream_ms=",
-                    text_of(&self.host).unwrap_or("-").escape_debug(),
-                    text_of(&self.user_agent).unwrap_or("-").escape_debug(),
-                    self.upstream.as_ref().map_or("-", |a| a.as_str()),
-                );
-                match self.upstream_ms {
-                    Some(ms) => {
-                        let _ = write!(out, "{ms:.3}");
-                    }
-                    None => out.push('-'),
-                }
-                let _ = write!(out, " error={}", self.error.unwrap_or("-"));
-                if let Some(g) = self.grpc_status {
-                    let _ = write!(out, " grpc_status={g}");
-                }
+            None => out.push('-'),
+        }
+        if self.normalized.is_some() {
+            let _ = write!(out, " raw_path={}", self.uri.path().escape_debug());
+        }
+        let _ = write!(
+            out,
+            " host={} ua=\"{}\" upstream_addr={} upstream_ms=",
+            text_of(&self.host).unwrap_or("-").escape_debug(),
+            text_of(&self.user_agent).unwrap_or("-").escape_debug(),
+            self.upstream.as_ref().map_or("-", |a| a.as_str()),
+        );
+        match self.upstream_ms {
+            Some(ms) => {
+                let _ = write!(out, "{ms:.3}");
             }
+            None => out.push('-'),
+        }
+        let _ = write!(out, " error={}", self.error.unwrap_or("-"));
+        if let Some(g) = self.grpc_status {
+            let _ = write!(out, " grpc_status={g}");
         }
     }
 

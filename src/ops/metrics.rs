@@ -104,6 +104,64 @@ pub struct Metrics {
     pub unrouted: RouteStats,
 }
 
+/// Help text for every counter and gauge, as `/metrics` shows it.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "keygate_requests_total",
+        "Requests by route, status class and auth outcome.",
+    ),
+    (
+        "keygate_grpc_requests_total",
+        "gRPC requests by route and final grpc-status.",
+    ),
+    (
+        "keygate_upstream_errors_total",
+        "Upstream failures by route and kind.",
+    ),
+    (
+        "keygate_reloads_total",
+        "Config and key file reloads by file and result.",
+    ),
+    (
+        "keygate_access_log_dropped_total",
+        "Access log lines dropped because stdout fell behind.",
+    ),
+    (
+        "keygate_key_requests_total",
+        "Allowed requests per key id (metrics.per_key).",
+    ),
+];
+const GAUGES: &[(&str, &str)] = &[
+    ("keygate_active_connections", "Open downstream connections."),
+    ("keygate_keys_loaded", "Keys in the current snapshot."),
+    (
+        "keygate_keys",
+        "Keys in the current snapshot by status, as of the scrape.",
+    ),
+    (
+        "keygate_keys_expiring",
+        "Active keys that expire within the labelled time.",
+    ),
+    (
+        "keygate_build_info",
+        "Always 1; the version label names the running build.",
+    ),
+];
+
+fn describe(recorder: &PrometheusRecorder) {
+    for (name, help) in COUNTERS {
+        recorder.describe_counter((*name).into(), None, (*help).into());
+    }
+    for (name, help) in GAUGES {
+        recorder.describe_gauge((*name).into(), None, (*help).into());
+    }
+    recorder.describe_histogram(
+        "keygate_request_duration_seconds".into(),
+        Some(metrics::Unit::Seconds),
+        "Request duration by route, until the response body ends.".into(),
+    );
+}
+
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -116,59 +174,7 @@ impl Metrics {
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        let describe = |name: &'static str, help: &'static str| {
-            recorder.describe_counter(name.into(), None, help.into());
-        };
-        describe(
-            "keygate_requests_total",
-            "Requests by route, status class and auth outcome.",
-        );
-        describe(
-            "keygate_upstream_errors_total",
-            "Upstream failures by route and kind.",
-        );
-        describe(
-            "keygate_reloads_total",
-            "Config and key file reloads by file and result.",
-        );
-        describe(
-            "keygate_access_log_dropped_total",
-            "Access log lines dropped because stdout fell behind.",
-        );
-        describe(
-            "keygate_key_requests_total",
-            "Allowed requests per key id (metrics.per_key).",
-        );
-        recorder.describe_histogram(
-            "keygate_request_duration_seconds".into(),
-            Some(metrics::Unit::Seconds),
-            "Request duration by route, until the response body ends.".into(),
-        );
-        recorder.describe_gauge(
-            "keygate_active_connections".into(),
-            None,
-            "Open downstream connections.".into(),
-        );
-        recorder.describe_gauge(
-            "keygate_keys_loaded".into(),
-            None,
-            "Keys in the current snapshot.".into(),
-        );
-        recorder.describe_gauge(
-            "keygate_keys".into(),
-            None,
-            "Keys in the current snapshot by status, as of the scrape.".into(),
-        );
-        recorder.describe_gauge(
-            "keygate_keys_expiring".into(),
-            None,
-            "Active keys that expire within the labelled time.".into(),
-        );
-        recorder.describe_gauge(
-            "keygate_build_info".into(),
-            None,
-            "Always 1; the version label names the running build.".into(),
-        );
+        describe(&recorder);
         let gauge = |name: &'static str, label: &'static str, value: &'static str| {
             recorder.register_gauge(
                 &Key::from_parts(name, vec![Label::new(label, value)]),

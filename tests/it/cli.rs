@@ -204,25 +204,17 @@ async fn demo_prints_working_curl_commands() {
 
 #[test]
 fn kubernetes_example_config_is_valid() {
-    let manifest = std::fs::read_to_string(concat!(
+    // The sidecar's ConfigMap is generated from this file by the kustomization.
+    let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/deploy/kubernetes-sidecar.yaml"
+        "/deploy/kubernetes/keygate.yaml"
     ))
     .unwrap();
-    let start = manifest
-        .find("  keygate.yaml: |\n")
-        .expect("ConfigMap with keygate.yaml")
-        + "  keygate.yaml: |\n".len();
-    let block: String = manifest[start..]
-        .lines()
-        .take_while(|l| l.starts_with("    ") || l.is_empty())
-        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-        .collect();
     let config = keygate::config::Config::parse(
         std::path::Path::new("/etc/keygate/config/keygate.yaml"),
-        &block,
+        &text,
     )
-    .unwrap_or_else(|p| panic!("{p}\n---\n{block}"));
+    .unwrap_or_else(|p| panic!("{p}\n---\n{text}"));
     assert_eq!(
         config.keys_file,
         std::path::PathBuf::from("/etc/keygate/keys/keys.yaml")

@@ -2,11 +2,16 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
 
 use super::Snapshot;
 
 /// The files whose changes reload a snapshot.
-pub fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&'a Path> {
+fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&'a Path> {
     let c = &snapshot.config;
     let tls = c
         .tls
@@ -19,7 +24,7 @@ pub fn watched_files<'a>(config_path: &'a Path, snapshot: &'a Snapshot) -> Vec<&
 }
 
 /// The folders holding them: watching a folder sees renames and symlink swaps.
-pub fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
+fn watch_dirs(config_path: &Path, snapshot: &Snapshot) -> BTreeSet<PathBuf> {
     watched_files(config_path, snapshot)
         .into_iter()
         .map(|p| crate::config::folder_of(p).to_path_buf())
@@ -40,6 +45,69 @@ pub fn relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> 
         p.file_name()
             .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
     })
+}
+
+/// The folder watch: which folders are watched and which names in them matter, kept in step
+/// with the snapshot (a reload may move the key file or certificates).
+pub struct Watch {
+    watcher: Option<notify::RecommendedWatcher>,
+    names: Arc<ArcSwap<BTreeSet<std::ffi::OsString>>>,
+    watched: BTreeSet<PathBuf>,
+    config_path: PathBuf,
+}
+
+impl Watch {
+    /// Starts watching; each relevant event leaves one pending reload in `tx`.
+    pub fn start(config_path: PathBuf, tx: mpsc::Sender<()>) -> Watch {
+        // Other files in the same folders (logs, state, editor swap files) must not cause
+        // re-reads.
+        let names: Arc<ArcSwap<BTreeSet<std::ffi::OsString>>> = Arc::default();
+        let watcher_names = names.clone();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res {
+                if relevant(&event, &watcher_names.load()) {
+                    // A full channel already holds a pending reload.
+                    let _ = tx.try_send(());
+                }
+            }
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; relying on SIGHUP and periodic re-check");
+                None
+            }
+        };
+        Watch {
+            watcher,
+            names,
+            watched: BTreeSet::new(),
+            config_path,
+        }
+    }
+
+    /// Watches the folders and names `snapshot`'s files live in, and stops watching others.
+    pub fn follow(&mut self, snapshot: &Snapshot) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        self.names.store(Arc::new(
+            watched_files(&self.config_path, snapshot)
+                .into_iter()
+                .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+                .collect(),
+        ));
+        let want = watch_dirs(&self.config_path, snapshot);
+        for dir in self.watched.difference(&want) {
+            let _ = w.unwatch(dir);
+        }
+        for dir in want.difference(&self.watched) {
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder");
+            }
+        }
+        self.watched = want;
+    }
 }
 
 #[cfg(test)]
