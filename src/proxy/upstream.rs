@@ -244,6 +244,13 @@ pub struct Forwarder {
     by_route: Vec<Option<RouteClient>>,
 }
 
+/// The pool settings every upstream client shares.
+fn pool() -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90));
+    b
+}
+
 fn connector(connect_timeout: Duration) -> HttpConnector {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
@@ -289,28 +296,21 @@ fn https_client(connect_timeout: Duration, route: &Route) -> Result<HttpsClient,
         .wrap_connector(fixed(connect_timeout, &route.upstream)?);
     // set_host: on HTTP/1.1 the Host comes from the URI (the client's host); on HTTP/2 the
     // same value is `:authority` and no Host is sent.
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .set_host(true)
-        .build(conn))
+    Ok(pool().set_host(true).build(conn))
 }
 
 impl Forwarder {
     /// Builds the pooled clients a config needs.
     pub fn new(config: &Config) -> Result<Forwarder, String> {
         let ct = config.limits.upstream_connect_timeout;
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .set_host(false)
-            .build(connector(ct));
+        let http1 = pool().set_host(false).build(connector(ct));
         let by_route = config
             .routes
             .iter()
             .map(|r| match r.upstream.scheme {
                 UpstreamScheme::Http => Ok(None),
                 UpstreamScheme::H2c => Ok(Some(RouteClient::H2c(
-                    Client::builder(TokioExecutor::new())
-                        .pool_idle_timeout(Duration::from_secs(90))
+                    pool()
                         .http2_only(true)
                         .set_host(false)
                         .build(fixed(ct, &r.upstream)?),
