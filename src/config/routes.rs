@@ -173,14 +173,21 @@ impl Route {
         if !self.strip_prefix {
             return path;
         }
-        let rest = &path[self.path_prefix.len().min(path.len())..];
-        if rest.starts_with('/') {
-            rest
-        } else if self.path_prefix.ends_with('/') {
-            // The prefix consumed the slash; give it back.
-            &path[self.path_prefix.len() - 1..]
-        } else {
+        // By segments, not bytes: the path may carry `;parameters` the prefix matched without.
+        let segments = self
+            .path_prefix
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .count();
+        let mut rest = path;
+        for _ in 0..segments {
+            let body = rest.strip_prefix('/').unwrap_or(rest);
+            rest = body.find('/').map_or("", |i| &body[i..]);
+        }
+        if rest.is_empty() {
             "/"
+        } else {
+            rest
         }
     }
 }
@@ -344,6 +351,12 @@ mod tests {
         r.strip_prefix = true;
         assert_eq!(r.upstream_path("/health"), "/");
         assert_eq!(r.upstream_path("/health/x"), "/x");
+        // Parameters on the prefix's segments go with the prefix.
+        assert_eq!(r.upstream_path("/health;v=1/x"), "/x");
+        let mut r = route("r", "/api/", None, None);
+        r.strip_prefix = true;
+        assert_eq!(r.upstream_path("/api;v=1/users/"), "/users/");
+        assert_eq!(r.upstream_path("/api/"), "/");
     }
 
     #[test]

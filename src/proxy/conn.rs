@@ -40,11 +40,14 @@ impl Drop for ConnHold {
 }
 
 /// An I/O stream that records activity for the idle watchdog and header read timeout.
+/// The start of HTTP/2's connection preface; an HTTP/1 method like `PRIX` must not match.
+const H2_PREFACE: &[u8; 16] = b"PRI * HTTP/2.0\r\n";
+
 pub(crate) struct TrackedIo<I> {
     inner: I,
     state: Arc<ConnState>,
-    /// First bytes read, until three tell HTTP/2's preface (`PRI`) from an HTTP/1 method.
-    sniff: [u8; 3],
+    /// First bytes read, until the whole HTTP/2 preface line tells it from an HTTP/1 request.
+    sniff: [u8; 16],
     sniffed: u8,
     h2: bool,
     _hold: ConnHold,
@@ -55,7 +58,7 @@ impl<I> TrackedIo<I> {
         TrackedIo {
             inner,
             state,
-            sniff: [0; 3],
+            sniff: [0; 16],
             sniffed: 0,
             h2: false,
             _hold: hold,
@@ -71,7 +74,7 @@ impl<I> TrackedIo<I> {
                 self.sniff[usize::from(self.sniffed)] = b;
                 self.sniffed += 1;
             }
-            if usize::from(self.sniffed) == self.sniff.len() && &self.sniff == b"PRI" {
+            if usize::from(self.sniffed) == self.sniff.len() && &self.sniff == H2_PREFACE {
                 self.h2 = true;
                 self.state.h2.store(true, Ordering::Relaxed);
                 self.state.head_pending.store(false, Ordering::Relaxed);

@@ -80,10 +80,16 @@ pub enum Credential<'h> {
 /// Parses `Api-Key <token>`; the scheme name is case-insensitive.
 pub fn parse_authorization(value: &[u8]) -> Credential<'_> {
     const SCHEME: &[u8] = b"api-key";
-    let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
-        Some(i) => (&value[..i], &value[i + 1..]),
-        None => (value, &[][..]),
+    // The scheme ends at the first space or tab: `Api-Key<TAB>kg_...` is a malformed Api-Key
+    // credential (refused, and stripped on public routes), never "another scheme" that would
+    // pass upstream with the key in it.
+    let (scheme, rest, tab) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+        Some(i) => (&value[..i], &value[i + 1..], value[i] == b'\t'),
+        None => (value, &[][..], false),
     };
+    if scheme.eq_ignore_ascii_case(SCHEME) && tab {
+        return Credential::MalformedApiKey;
+    }
     if !scheme.eq_ignore_ascii_case(SCHEME) {
         return Credential::OtherScheme {
             scheme,
@@ -161,6 +167,18 @@ mod tests {
                 scheme: b"kg_abc",
                 has_credential: false
             }
+        );
+    }
+
+    #[test]
+    fn a_tab_after_api_key_is_malformed_not_another_scheme() {
+        assert_eq!(
+            parse_authorization(b"Api-Key\tkg_abc"),
+            Credential::MalformedApiKey
+        );
+        assert_eq!(
+            parse_authorization(b"api-key\t"),
+            Credential::MalformedApiKey
         );
     }
 

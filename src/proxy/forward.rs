@@ -187,6 +187,7 @@ fn switch(
     let watch = permit.digest.map(|digest| tunnel::KeyWatch {
         snapshots: down.snapshots.clone(),
         digest,
+        route: permit.route.name.clone(),
     });
     tokio::spawn(tunnel::splice(down_up, up_up, watch));
     Ok(resp)

@@ -15,15 +15,22 @@ use crate::proxy::authorize;
 pub(crate) struct KeyWatch {
     pub(crate) snapshots: Arc<ArcSwap<Snapshot>>,
     pub(crate) digest: keys::Digest32,
+    /// The route the tunnel was opened on, by name: its scopes may change on reload.
+    pub(crate) route: Arc<str>,
 }
 
 impl KeyWatch {
     fn still_valid(&self) -> bool {
         let now = authorize::now_secs();
         let snap = self.snapshots.load();
-        snap.keys
-            .lookup(&self.digest)
-            .is_some_and(|k| !k.revoked && k.expires_at.is_none_or(|t| now < t))
+        let Some(route) = snap.config.routes.iter().find(|r| r.name == self.route) else {
+            return false;
+        };
+        snap.keys.lookup(&self.digest).is_some_and(|k| {
+            !k.revoked
+                && k.expires_at.is_none_or(|t| now < t)
+                && (route.public || k.missing_scope(&route.scopes).is_none())
+        })
     }
 }
 

@@ -77,16 +77,26 @@ pub fn route_key(normalized: &str) -> Cow<'_, str> {
         return Cow::Borrowed(normalized);
     }
     let mut out = String::with_capacity(normalized.len());
-    for (i, seg) in normalized.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
-        }
+    let mut trailing = normalized.ends_with('/');
+    // The first split item is the empty text before the leading '/'.
+    for seg in normalized.split('/').skip(1) {
         let cut = [seg.find(';'), seg.find("%3B")]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or(seg.len());
+        // A segment that is parameters alone (`/;x/p`) vanishes, as servlet containers
+        // drop it and merge the slashes: it must not hide the next segment from routing.
+        if cut == 0 {
+            trailing |= !seg.is_empty();
+            continue;
+        }
+        out.push('/');
         out.push_str(&seg[..cut]);
+        trailing = false;
+    }
+    if trailing || out.is_empty() || normalized.ends_with('/') {
+        out.push('/');
     }
     Cow::Owned(out)
 }
@@ -289,6 +299,10 @@ mod tests {
         assert_eq!(route_key("/p;x/secret"), "/p/secret");
         assert_eq!(route_key("/p%3Bx/secret;v=1"), "/p/secret");
         assert_eq!(route_key("/p;/"), "/p/");
+        assert_eq!(route_key("/;x/p/secret"), "/p/secret");
+        assert_eq!(route_key("/%3Bx/p;y/secret"), "/p/secret");
+        assert_eq!(route_key("/p/;x"), "/p/");
+        assert_eq!(route_key("/;x"), "/");
         assert!(matches!(route_key("/p/secret"), Cow::Borrowed(_)));
     }
 }

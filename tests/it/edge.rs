@@ -250,6 +250,8 @@ async fn path_parameters_do_not_dodge_routes() {
         "/p;/secret",
         "/p%3Bx/secret",
         "/p;jsessionid=1/secret",
+        "/;x/p/secret",
+        "/%3Bx/p/secret",
     ] {
         assert_eq!(get(gw.addr, p, &[]).await.status, 401, "{p}");
     }
@@ -273,6 +275,11 @@ async fn path_parameters_do_not_dodge_routes() {
         assert_eq!(r.code(), "bad_request", "{p}");
     }
     assert_eq!(public.count(), base);
+    // A key sent with a tab after the scheme is still a key: never forwarded, even on a
+    // public route.
+    let tabbed = format!("Authorization: Api-Key\t{}", k.secret);
+    assert_eq!(get(gw.addr, "/open", &[&tabbed]).await.status, 200);
+    assert!(public.last().headers.get("authorization").is_none());
     gw.stop().await;
 }
 
@@ -847,4 +854,30 @@ async fn diagnostics_are_json_lines_without_colour() {
             assert_eq!(parsed.is_ok(), json, "{format:?}: {line}");
         }
     }
+}
+
+#[tokio::test]
+async fn websocket_ends_when_its_key_loses_the_routes_scope() {
+    let up = SwitchingUpstream::start(false).await;
+    let k = TestKey::new("ws-key", "sa", &["ws.use"]);
+    let gw = Gateway::start(
+        &route("ws", "/ws/", &up.url(), "    scopes: [ws.use]\n"),
+        &[&k],
+    )
+    .await;
+    let mut tunnel = open_tunnel(gw.addr, &k).await;
+    let narrowed = TestKey {
+        id: k.id.clone(),
+        secret: k.secret.clone(),
+        sa: k.sa.clone(),
+        scopes: vec!["other.scope".into()],
+        extra: String::new(),
+    };
+    write(&gw.path("keys.yaml"), &key_file(&[&narrowed]));
+    let closed = closes_within(&mut tunnel, Duration::from_secs(6)).await;
+    assert!(
+        closed.is_some(),
+        "tunnel outlived the scope its route needs"
+    );
+    gw.stop().await;
 }
