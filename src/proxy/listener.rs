@@ -45,6 +45,16 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// Keepalive for downstream sockets: first probe after a minute idle, then every 10 s,
+/// given up after 6 unanswered.
+static DOWNSTREAM_KEEPALIVE: std::sync::LazyLock<socket2::TcpKeepalive> =
+    std::sync::LazyLock::new(|| {
+        socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6)
+    });
+
 /// Worker threads: `KEYGATE_WORKERS`, else one per available core.
 pub fn worker_count() -> usize {
     std::env::var("KEYGATE_WORKERS")
@@ -182,6 +192,9 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
                 _ = stop.changed() => break,
             };
             let _ = stream.set_nodelay(true);
+            // A peer that vanishes without a FIN (a pulled cable, a NAT that forgot it) is
+            // found by keepalive probes; an upgraded tunnel has no other idle limit.
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&DOWNSTREAM_KEEPALIVE);
             tokio::spawn(connection(shared.clone(), stream, peer, permit));
         }
         drop(listener);
