@@ -22,10 +22,12 @@ mod problem;
 mod raw;
 mod route;
 pub mod routes;
+mod sources;
 mod validate;
 
 pub(crate) use problem::Warning;
 pub use problem::{Problem, Problems};
+pub use sources::{KeySource, KeySources, Scheme};
 
 /// Names of the headers that tell the upstream who called.
 #[derive(Debug, Clone)]
@@ -73,6 +75,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Whether metrics carry key ids.
     pub metrics_per_key: bool,
+    /// Where `keys` commands append one JSON line per key change, when set.
+    pub audit_log: Option<PathBuf>,
     /// Settings that are allowed but probably not meant (`scopes: []`), in file order.
     pub warnings: Vec<Problem>,
 }

@@ -24,6 +24,16 @@ pub(super) struct RawConfig {
     pub(super) shutdown_grace: Option<Spanned<String>>,
     pub(super) shutdown_delay: Option<Spanned<String>>,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) key_sources: Option<Spanned<Vec<Spanned<RawSource>>>>,
+    pub(super) audit_log: Option<Spanned<String>>,
+}
+
+/// One `key_sources:` entry; exactly one field is meant to be set.
+#[derive(Deserialize)]
+pub(super) struct RawSource {
+    pub(super) authorization: Option<Spanned<String>>,
+    pub(super) header: Option<Spanned<String>>,
+    pub(super) query: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +89,8 @@ pub(super) struct RawRoute {
     pub(super) ca_file: Option<Spanned<String>>,
     pub(super) tls_server_name: Option<Spanned<String>>,
     pub(super) websocket: Option<Spanned<bool>>,
+    pub(super) key_sources: Option<Spanned<Vec<Spanned<RawSource>>>>,
+    pub(super) preflight: Option<Spanned<String>>,
 }
 
 // Unknown keys are found by walking these, not by serde, so that each one is reported with
@@ -99,6 +111,14 @@ const IDENTITY_SHAPE: Shape = Shape::Map(
     "identity_headers",
     &[("key_id", Shape::Leaf), ("service_account", Shape::Leaf)],
 );
+const SOURCE_SHAPE: Shape = Shape::Map(
+    "key source",
+    &[
+        ("authorization", Shape::Leaf),
+        ("header", Shape::Leaf),
+        ("query", Shape::Leaf),
+    ],
+);
 const ROUTE_SHAPE: Shape = Shape::Map(
     "route",
     &[
@@ -115,6 +135,8 @@ const ROUTE_SHAPE: Shape = Shape::Map(
         ("ca_file", Shape::Leaf),
         ("tls_server_name", Shape::Leaf),
         ("websocket", Shape::Leaf),
+        ("key_sources", Shape::List(&SOURCE_SHAPE)),
+        ("preflight", Shape::Leaf),
     ],
 );
 pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
@@ -134,6 +156,8 @@ pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
         ("shutdown_grace", Shape::Leaf),
         ("shutdown_delay", Shape::Leaf),
         ("metrics", METRICS_SHAPE),
+        ("key_sources", Shape::List(&SOURCE_SHAPE)),
+        ("audit_log", Shape::Leaf),
     ],
 );
 
@@ -191,5 +215,6 @@ mod tests {
         assert_eq!(shape_fields(&LIMITS_SHAPE), serde_fields::<RawLimits>());
         assert_eq!(shape_fields(&METRICS_SHAPE), serde_fields::<RawMetrics>());
         assert_eq!(shape_fields(&IDENTITY_SHAPE), serde_fields::<RawIdentity>());
+        assert_eq!(shape_fields(&SOURCE_SHAPE), serde_fields::<RawSource>());
     }
 }

@@ -7,7 +7,8 @@ use super::check::Check;
 use super::fields::nearest_word;
 use super::raw::RawRoute;
 use super::resolve;
-use crate::config::routes::{HostMatch, Route, Upstream, UpstreamScheme, UpstreamTls};
+use super::validate::RouteShared;
+use crate::config::routes::{HostMatch, Preflight, Route, Upstream, UpstreamScheme, UpstreamTls};
 use crate::keys::check_scope;
 
 /// The request methods a route may list; anything else is a typo or a method no client sends.
@@ -20,7 +21,7 @@ pub(super) fn check_route(
     c: &mut Check<'_>,
     loc: Location,
     r: &RawRoute,
-    known_scopes: Option<&[String]>,
+    shared: &RouteShared<'_>,
 ) -> Option<Route> {
     let before = c.problems.len();
     for (field, value) in [
@@ -48,7 +49,15 @@ pub(super) fn check_route(
             .map_err(|e| c.at(u.referenced, e))
             .ok()
     });
-    let (scopes, public) = scopes(c, loc, r, route_name, known_scopes);
+    let (scopes, public) = scopes(c, loc, r, route_name, shared.known_scopes);
+    let key_sources = super::sources::key_sources(
+        c,
+        r.key_sources.as_ref(),
+        shared.key_sources,
+        shared.realm,
+        shared.reserved,
+    );
+    let preflight = preflight(c, r.preflight.as_ref());
     let timeout = r
         .timeout
         .as_ref()
@@ -73,7 +82,24 @@ pub(super) fn check_route(
         timeout,
         public,
         websocket: r.websocket.as_ref().is_none_or(|w| w.value),
+        key_sources,
+        preflight,
     })
+}
+
+/// `preflight: pass | auth`.
+fn preflight(c: &mut Check<'_>, p: Option<&Spanned<String>>) -> Preflight {
+    match p.map(|p| (p, p.value.as_str())) {
+        None | Some((_, "auth")) => Preflight::Auth,
+        Some((_, "pass")) => Preflight::Pass,
+        Some((p, other)) => {
+            c.at(
+                p.referenced,
+                format!("invalid preflight {other:?}: expected pass or auth"),
+            );
+            Preflight::Auth
+        }
+    }
 }
 
 /// The prefix as written; it must already be normalized, or it could never match a request.

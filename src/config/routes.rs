@@ -151,6 +151,21 @@ pub struct Route {
     pub upstream_tls: UpstreamTls,
     /// Forward WebSocket upgrades (no other upgrade token is ever forwarded).
     pub websocket: bool,
+    /// Where this route reads keys from (the config's `key_sources` unless it sets its own).
+    pub key_sources: std::sync::Arc<crate::config::KeySources>,
+    /// Whether CORS preflights need a key.
+    pub preflight: Preflight,
+}
+
+/// `preflight:` on a route: whether a CORS preflight (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`) needs a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preflight {
+    /// Like every other request (the default).
+    #[default]
+    Auth,
+    /// Forwarded without a key; any key material is still stripped.
+    Pass,
 }
 
 /// How an `https://` upstream is verified.
@@ -289,6 +304,10 @@ mod tests {
             max_body: None,
             upstream_tls: UpstreamTls::default(),
             websocket: true,
+            key_sources: std::sync::Arc::new(crate::config::KeySources::default_for(
+                &http::HeaderValue::from_static("Api-Key realm=\"keygate\""),
+            )),
+            preflight: Preflight::Auth,
         }
     }
 

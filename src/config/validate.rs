@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -11,8 +12,8 @@ use serde_saphyr::{Location, Spanned};
 use super::check::Check;
 use super::raw::{RawConfig, RawIdentity, RawLimits, RawRoute};
 use super::{
-    default_state_file, folder_of, parse_duration, resolve, Config, IdentityHeaders, Limits,
-    LogFormat, Problem, Problems, TlsFiles, DEFAULT_LISTEN,
+    default_state_file, folder_of, parse_duration, resolve, Config, IdentityHeaders, KeySources,
+    Limits, LogFormat, Problem, Problems, TlsFiles, DEFAULT_LISTEN,
 };
 use crate::config::routes::RouteTable;
 use crate::keys::check_scope;
@@ -42,7 +43,28 @@ pub(super) fn validate(
     let log_format = log_format(&mut c, raw.log_format.as_ref());
     let limits = limits(&mut c, raw.limits.as_ref());
     let (shutdown_grace, shutdown_delay) = shutdown(&mut c, &raw);
-    let routes = routes(&mut c, raw.routes.as_ref(), top, known_scopes.as_deref());
+    let defaults = KeySources::default_for(&www_authenticate);
+    let reserved = [&identity.key_id, &identity.service_account];
+    let inherited = super::sources::key_sources(
+        &mut c,
+        raw.key_sources.as_ref(),
+        &Arc::new(defaults),
+        &www_authenticate,
+        &reserved,
+    );
+    let shared = RouteShared {
+        known_scopes: known_scopes.as_deref(),
+        key_sources: &inherited,
+        realm: &www_authenticate,
+        reserved: &reserved,
+    };
+    let routes = routes(&mut c, raw.routes.as_ref(), top, &shared);
+    let audit_log = raw.audit_log.as_ref().map(|a| {
+        if a.value.trim().is_empty() {
+            c.at(a.referenced, "audit_log is empty");
+        }
+        resolve(c.base, &a.value)
+    });
 
     if !c.problems.is_empty() {
         return Err(Problems::sorted(c.problems));
@@ -66,6 +88,7 @@ pub(super) fn validate(
         shutdown_grace,
         shutdown_delay,
         metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
+        audit_log,
         warnings: Problems::sorted(c.warnings).0,
     })
 }
@@ -246,11 +269,22 @@ fn shutdown(c: &mut Check<'_>, raw: &RawConfig) -> (Duration, Duration) {
     (grace, delay)
 }
 
+/// What every route is checked against: settings from the config's top level.
+pub(super) struct RouteShared<'a> {
+    pub(super) known_scopes: Option<&'a [String]>,
+    /// The top-level `key_sources` (or the default), which a route may override.
+    pub(super) key_sources: &'a Arc<KeySources>,
+    /// The realm's challenge, which a route's own sources reuse.
+    pub(super) realm: &'a HeaderValue,
+    /// Identity header names, which no key source may read.
+    pub(super) reserved: &'a [&'a HeaderName],
+}
+
 fn routes(
     c: &mut Check<'_>,
     raw: Option<&Spanned<Vec<Spanned<RawRoute>>>>,
     top: Location,
-    known_scopes: Option<&[String]>,
+    shared: &RouteShared<'_>,
 ) -> RouteTable {
     let raw_routes = raw.map_or(&[][..], |r| r.value.as_slice());
     if raw_routes.is_empty() {
@@ -274,7 +308,7 @@ fn routes(
                 );
             }
         }
-        if let Some(route) = super::route::check_route(c, r.referenced, &r.value, known_scopes) {
+        if let Some(route) = super::route::check_route(c, r.referenced, &r.value, shared) {
             routes.push(route);
         }
     }

@@ -2,6 +2,7 @@
 //! Yields a [`Permit`], the only thing `forward` accepts; it carries what to strip.
 
 use crate::config::routes::Route;
+use crate::config::{KeySource, Scheme};
 use crate::keys::{self, KeyEntry, KeyStore};
 use crate::proxy::credential::{Carrier, Credential, Found};
 
@@ -16,9 +17,9 @@ pub fn now_secs() -> i64 {
 /// Why a request was not let through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No `Api-Key` credential on a protected route; says what came instead.
-    #[error("this route accepts `Authorization: Api-Key <key>`; {0}")]
-    Missing(Presented),
+    /// No key in the route's sources on a protected route; says what came instead.
+    #[error("{0}")]
+    Missing(MissingKey),
     /// Malformed, bad checksum, or unknown.
     #[error("the API key is not valid")]
     Invalid,
@@ -33,14 +34,26 @@ pub enum AuthError {
     InsufficientScope(String),
 }
 
-/// What a request sent instead of an `Api-Key` credential, as far as a refusal may repeat it.
+/// A protected route got no key: what it accepts, and what came instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this route accepts {accepts}; {presented}")]
+pub struct MissingKey {
+    /// The route's sources, as its `KeySources::accepts` words them.
+    pub accepts: std::sync::Arc<str>,
+    /// What the request sent instead.
+    pub presented: Presented,
+}
+
+/// What a request sent instead of a key, as far as a refusal may repeat it.
 ///
 /// The scheme name is the client's text: it is named back only when it is a short token, and
 /// the credential after it never is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Presented {
-    /// No `Authorization` header.
+    /// No `Authorization` header (on a route that reads only `Authorization: Api-Key`).
     Nothing,
+    /// Nothing in any of the route's sources.
+    NoKey,
     /// Another scheme, by its name (`Bearer`, `Basic`).
     Scheme(Box<str>),
     /// A value with no space in it: a bare credential, perhaps a key without `Api-Key `.
@@ -48,6 +61,9 @@ pub enum Presented {
     /// A scheme name too long or with characters other than letters, digits and `-`.
     Unrecognized,
 }
+
+/// The source a route reads when the config names none.
+const DEFAULT_SOURCE: KeySource = KeySource::Authorization(Scheme::ApiKey);
 
 /// Longest scheme name repeated in a refusal; real ones (`Negotiate`) are far shorter.
 const MAX_ECHOED_SCHEME: usize = 32;
@@ -74,6 +90,7 @@ impl std::fmt::Display for Presented {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Presented::Nothing => f.write_str("no `Authorization` header was sent"),
+            Presented::NoKey => f.write_str("no key was sent"),
             Presented::Scheme(name) => write!(f, "got the `{name}` scheme"),
             Presented::NoScheme => {
                 f.write_str("got a value with no scheme; put `Api-Key ` before the key")
@@ -93,36 +110,44 @@ pub struct Permit<'a> {
     /// The checked key's hash, so an upgraded connection can follow the key's fate.
     pub digest: Option<keys::Digest32>,
     /// What carried a key, removed before forwarding: what authorization read, and no more.
-    pub strip: Option<Carrier>,
+    pub strip: Option<Carrier<'a>>,
 }
 
-/// Checks a request's credential against the route; `now` is unix seconds.
+/// Checks a request's credential against the route; `now` is unix seconds. `preflight` is
+/// true for a CORS preflight on a route with `preflight: pass`, which needs no key.
 pub fn authorize<'a>(
     route: &'a Route,
     keys: &'a KeyStore,
-    found: Found<'_>,
+    found: &Found<'_, 'a>,
+    preflight: bool,
     now: i64,
 ) -> Result<Permit<'a>, AuthError> {
-    if route.public {
-        // A key sent to a public route is still never forwarded; another scheme's credential
-        // belongs to the upstream and passes.
-        let strip = match found.credential {
-            Credential::ApiKey(_) | Credential::MalformedApiKey => found.carrier,
-            Credential::Absent | Credential::OtherScheme { .. } => None,
-        };
+    if route.public || preflight {
+        // A key sent where none is checked is still never forwarded: the carrier is set only
+        // when a configured source offered one. Another scheme's credential belongs to the
+        // upstream and passes.
         return Ok(Permit {
             route,
             key: None,
             digest: None,
-            strip,
+            strip: found.carrier,
         });
     }
-    let token = match found.credential {
-        Credential::Absent => return Err(AuthError::Missing(Presented::Nothing)),
+    let missing = |presented| {
+        AuthError::Missing(MissingKey {
+            accepts: route.key_sources.accepts.clone(),
+            presented,
+        })
+    };
+    let token: &[u8] = match &found.credential {
+        Credential::Absent if route.key_sources.list == [DEFAULT_SOURCE] => {
+            return Err(missing(Presented::Nothing))
+        }
+        Credential::Absent => return Err(missing(Presented::NoKey)),
         Credential::OtherScheme {
             scheme,
             has_credential,
-        } => return Err(AuthError::Missing(Presented::of(scheme, has_credential))),
+        } => return Err(missing(Presented::of(scheme, *has_credential))),
         Credential::MalformedApiKey => return Err(AuthError::Invalid),
         Credential::ApiKey(t) => t,
     };
@@ -176,8 +201,10 @@ mod tests {
         let long = b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA x";
         assert_eq!(named(long), Presented::Unrecognized);
         assert_eq!(named(b"kg_secretsecret"), Presented::NoScheme);
-        assert!(!AuthError::Missing(named(b"kg_secretsecret"))
-            .to_string()
-            .contains("secret"));
+        let refusal = AuthError::Missing(MissingKey {
+            accepts: "`Authorization: Api-Key <key>`".into(),
+            presented: named(b"kg_secretsecret"),
+        });
+        assert!(!refusal.to_string().contains("secret"));
     }
 }

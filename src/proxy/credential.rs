@@ -1,26 +1,58 @@
-//! Key sources: where a request's key is read from, and exactly what carried it, so that
-//! forwarding strips what authorization read and nothing else.
+//! Key sources: where a request's key is read from (the route's `key_sources`), and exactly
+//! what carried it, so that forwarding strips what authorization read and nothing else.
 //!
-//! Today one source, `Authorization: Api-Key <key>`; further sources (Bearer, a named header, a
-//! query parameter) are added here and nowhere else.
+//! "Offering" a key means a present, non-empty value in a configured source: an
+//! `Authorization` header under a configured scheme, a configured header, a configured query
+//! parameter. Two offerings are refused, never picked between; so are two `Authorization`
+//! headers, two of a configured header and two non-empty values of a configured parameter.
 
-use http::header::{HeaderMap, AUTHORIZATION};
+use std::borrow::Cow;
+
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
+
+use crate::config::{KeySource, KeySources, Scheme};
 
 /// What carried a credential, for stripping before the request goes upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Carrier {
+pub enum Carrier<'s> {
     /// The `Authorization` header.
     Authorization,
+    /// A configured header.
+    Header(&'s HeaderName),
+    /// A configured query parameter, by name.
+    Query(&'s str),
 }
 
-impl Carrier {
-    /// Removes this carrier from an upstream request's headers.
+impl Carrier<'_> {
+    /// Removes this carrier from an upstream request's headers (a query carrier is cut out of
+    /// the query by [`Carrier::strip_query`] instead).
     pub fn strip(self, headers: &mut HeaderMap) {
         match self {
             Carrier::Authorization => {
                 headers.remove(AUTHORIZATION);
             }
+            Carrier::Header(name) => {
+                headers.remove(name);
+            }
+            Carrier::Query(_) => {}
         }
+    }
+
+    /// The query without this carrier's parameter: every other parameter kept, byte for byte
+    /// and in order; `None` when nothing is left (so the `?` goes too).
+    pub fn strip_query(self, query: Option<&str>) -> Option<Cow<'_, str>> {
+        let q = query?;
+        let Carrier::Query(name) = self else {
+            return Some(Cow::Borrowed(q));
+        };
+        if !q.split('&').any(|p| param_is(p, name)) {
+            return Some(Cow::Borrowed(q));
+        }
+        let kept: Vec<&str> = q.split('&').filter(|p| !param_is(p, name)).collect();
+        if kept.is_empty() {
+            return None;
+        }
+        Some(Cow::Owned(kept.join("&")))
     }
 }
 
@@ -30,78 +62,212 @@ pub enum CredentialError {
     /// Two `Authorization` headers: which one counts would be a guess.
     #[error("more than one Authorization header")]
     Duplicate,
+    /// A configured header sent twice, or a configured parameter with two values.
+    #[error("the API key source is repeated")]
+    Repeated,
+    /// Keys offered through two sources at once.
+    #[error("API keys were offered through more than one source")]
+    TwoSources,
 }
 
 /// What the key sources found, and what carried it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found<'h> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found<'h, 's> {
     /// The credential as presented.
     pub credential: Credential<'h>,
-    /// Where it came from; `None` when nothing was presented.
-    pub carrier: Option<Carrier>,
+    /// Where it came from; `None` when no configured source offered a key.
+    pub carrier: Option<Carrier<'s>>,
 }
 
-/// Reads the request's credential from its sources; duplicates are refused, never picked.
-pub fn extract(headers: &HeaderMap) -> Result<Found<'_>, CredentialError> {
+/// Refuses two `Authorization` headers, whatever the route reads: checked before routing.
+pub fn single_authorization(headers: &HeaderMap) -> Result<(), CredentialError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
-    let Some(value) = values.next() else {
-        return Ok(Found {
-            credential: Credential::Absent,
-            carrier: None,
-        });
-    };
-    if values.next().is_some() {
+    if values.next().is_some() && values.next().is_some() {
         return Err(CredentialError::Duplicate);
     }
+    Ok(())
+}
+
+/// Reads the request's credential from the route's sources; a second offering is refused,
+/// never picked.
+pub fn extract<'h, 's>(
+    headers: &'h HeaderMap,
+    query: Option<&'h str>,
+    sources: &'s KeySources,
+) -> Result<Found<'h, 's>, CredentialError> {
+    single_authorization(headers)?;
+    let authorization = headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+    let mut found: Option<Found<'h, 's>> = None;
+    for source in &sources.list {
+        let offered = match source {
+            KeySource::Authorization(scheme) => authorization
+                .and_then(|v| parse_scheme(v, *scheme))
+                .map(|c| (c, Carrier::Authorization)),
+            KeySource::Header(name) => {
+                from_header(headers, name)?.map(|c| (c, Carrier::Header(name)))
+            }
+            KeySource::Query(name) => {
+                from_query(query, name)?.map(|c| (c, Carrier::Query(name)))
+            }
+        };
+        if let Some((credential, carrier)) = offered {
+            if found.is_some() {
+                return Err(CredentialError::TwoSources);
+            }
+            found = Some(Found {
+                credential,
+                carrier: Some(carrier),
+            });
+        }
+    }
+    if let Some(f) = found {
+        return Ok(f);
+    }
+    // Nothing offered: say what the Authorization header held, when the route reads it, so
+    // the refusal can name the scheme that came instead.
+    let credential = match authorization {
+        Some(v) if sources.reads_authorization() => parse_authorization(v),
+        _ => Credential::Absent,
+    };
     Ok(Found {
-        credential: parse_authorization(value.as_bytes()),
-        carrier: Some(Carrier::Authorization),
+        credential,
+        carrier: None,
     })
 }
 
-/// What the `Authorization` header carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A configured header: absent or empty offers nothing; the key is its whole value.
+fn from_header<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Credential<'h>>, CredentialError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(CredentialError::Repeated);
+    }
+    let v = first.as_bytes();
+    Ok((!v.is_empty()).then(|| token(Cow::Borrowed(v))))
+}
+
+/// A configured query parameter: only a non-empty value offers a key.
+fn from_query<'h>(
+    query: Option<&'h str>,
+    name: &str,
+) -> Result<Option<Credential<'h>>, CredentialError> {
+    let Some(q) = query else { return Ok(None) };
+    let mut offered = q
+        .split('&')
+        .filter(|p| param_is(p, name))
+        .filter_map(|p| p.split_once('=').map(|(_, v)| v))
+        .filter(|v| !v.is_empty());
+    let Some(value) = offered.next() else {
+        return Ok(None);
+    };
+    if offered.next().is_some() {
+        return Err(CredentialError::Repeated);
+    }
+    Ok(Some(token(percent_decode(value))))
+}
+
+/// Whether a `name=value` pair (or a bare `name`) is the parameter `name`, compared after
+/// percent-decoding, so `api%5Fkey=...` is not a way past stripping.
+fn param_is(pair: &str, name: &str) -> bool {
+    let raw = pair.split_once('=').map_or(pair, |(n, _)| n);
+    *percent_decode(raw) == *name.as_bytes()
+}
+
+/// Percent-decodes `%XX` (and `+` as a space, as forms do); a bad escape stays as written.
+fn percent_decode(s: &str) -> Cow<'_, [u8]> {
+    let b = s.as_bytes();
+    if !b.iter().any(|&c| c == b'%' || c == b'+') {
+        return Cow::Borrowed(b);
+    }
+    let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A key standing alone: one token of visible characters, else malformed.
+fn token(v: Cow<'_, [u8]>) -> Credential<'_> {
+    if !v.is_empty() && v.iter().all(|&b| b.is_ascii_graphic() || b >= 0x80) {
+        Credential::ApiKey(v)
+    } else {
+        Credential::MalformedApiKey
+    }
+}
+
+/// What a request's key sources carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential<'h> {
-    /// No header.
+    /// Nothing offered.
     Absent,
-    /// Some other scheme (Basic, Bearer...): its name, and whether anything followed it.
+    /// An `Authorization` scheme the route does not read (Basic...): its name, and whether
+    /// anything followed it.
     OtherScheme {
         /// The scheme as sent; client text, never echoed unchecked.
         scheme: &'h [u8],
         /// A space and more came after the scheme.
         has_credential: bool,
     },
-    /// `Api-Key` with something other than exactly one token.
+    /// A configured source holding something other than exactly one token.
     MalformedApiKey,
-    /// `Api-Key <token>`.
-    ApiKey(&'h [u8]),
+    /// The key, as sent (a query parameter's percent-decoded).
+    ApiKey(Cow<'h, [u8]>),
 }
 
 /// Parses `Api-Key <token>`; the scheme name is case-insensitive.
 pub fn parse_authorization(value: &[u8]) -> Credential<'_> {
-    const SCHEME: &[u8] = b"api-key";
-    // The scheme ends at the first space or tab: `Api-Key<TAB>kg_...` is a malformed Api-Key
+    match parse_scheme(value, Scheme::ApiKey) {
+        Some(c) => c,
+        None => {
+            let end = value
+                .iter()
+                .position(|&b| b == b' ' || b == b'\t')
+                .unwrap_or(value.len());
+            Credential::OtherScheme {
+                scheme: &value[..end],
+                has_credential: end < value.len(),
+            }
+        }
+    }
+}
+
+/// Reads `<scheme> <token>` when the value is under `scheme` (case-insensitive); `None` when
+/// it is another scheme.
+fn parse_scheme(value: &[u8], scheme: Scheme) -> Option<Credential<'_>> {
+    // The scheme ends at the first space or tab: `Api-Key<TAB>kg_...` is a malformed
     // credential (refused, and stripped on public routes), never "another scheme" that would
     // pass upstream with the key in it.
-    let (scheme, rest, tab) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+    let (name, rest, tab) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
         Some(i) => (&value[..i], &value[i + 1..], value[i] == b'\t'),
         None => (value, &[][..], false),
     };
-    if scheme.eq_ignore_ascii_case(SCHEME) && tab {
-        return Credential::MalformedApiKey;
+    if !name.eq_ignore_ascii_case(scheme.name().as_bytes()) {
+        return None;
     }
-    if !scheme.eq_ignore_ascii_case(SCHEME) {
-        return Credential::OtherScheme {
-            scheme,
-            has_credential: scheme.len() < value.len(),
-        };
+    if tab || rest.is_empty() {
+        return Some(Credential::MalformedApiKey);
     }
-    let one_token = !rest.is_empty() && rest.iter().all(|&b| b.is_ascii_graphic() || b >= 0x80);
-    if one_token {
-        Credential::ApiKey(rest)
-    } else {
-        Credential::MalformedApiKey
-    }
+    Some(token(Cow::Borrowed(rest)))
 }
 
 #[cfg(test)]
@@ -112,15 +278,15 @@ mod tests {
     fn scheme_is_case_insensitive() {
         assert_eq!(
             parse_authorization(b"Api-Key abc"),
-            Credential::ApiKey(b"abc")
+            Credential::ApiKey(Cow::Borrowed(b"abc"))
         );
         assert_eq!(
             parse_authorization(b"API-KEY abc"),
-            Credential::ApiKey(b"abc")
+            Credential::ApiKey(Cow::Borrowed(b"abc"))
         );
         assert_eq!(
             parse_authorization(b"api-key abc"),
-            Credential::ApiKey(b"abc")
+            Credential::ApiKey(Cow::Borrowed(b"abc"))
         );
     }
 
@@ -182,15 +348,106 @@ mod tests {
         );
     }
 
+    fn sources(list: Vec<KeySource>) -> KeySources {
+        let text = "keys_file: k\nroutes: [{name: a, path_prefix: /, upstream: 'http://a:1', public: true}]\n";
+        let cfg = crate::config::Config::parse(std::path::Path::new("c.yaml"), text).unwrap();
+        let base = cfg.routes.iter().next().unwrap().key_sources.clone();
+        KeySources {
+            list,
+            ..(*base).clone()
+        }
+    }
+
+    fn all() -> KeySources {
+        sources(vec![
+            KeySource::Authorization(Scheme::ApiKey),
+            KeySource::Authorization(Scheme::Bearer),
+            KeySource::Header(HeaderName::from_static("x-api-key")),
+            KeySource::Query("api_key".into()),
+        ])
+    }
+
     #[test]
     fn two_authorization_headers_are_refused() {
+        let default = sources(vec![KeySource::Authorization(Scheme::ApiKey)]);
         let mut h = HeaderMap::new();
         h.append(AUTHORIZATION, "Api-Key a".parse().unwrap());
-        assert_eq!(extract(&h).unwrap().carrier, Some(Carrier::Authorization));
+        assert_eq!(
+            extract(&h, None, &default).unwrap().carrier,
+            Some(Carrier::Authorization)
+        );
         h.append(AUTHORIZATION, "Api-Key b".parse().unwrap());
-        assert_eq!(extract(&h), Err(CredentialError::Duplicate));
+        assert_eq!(
+            extract(&h, None, &default),
+            Err(CredentialError::Duplicate)
+        );
         let mut up = h.clone();
         Carrier::Authorization.strip(&mut up);
         assert!(up.get(AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn each_source_and_two_at_once() {
+        let all = all();
+        fn key<'s>(f: Found<'_, 's>) -> (Vec<u8>, Option<Carrier<'s>>) {
+            match f.credential {
+                Credential::ApiKey(k) => (k.into_owned(), f.carrier),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "bearer kg_b".parse().unwrap());
+        assert_eq!(
+            key(extract(&h, None, &all).unwrap()),
+            (b"kg_b".to_vec(), Some(Carrier::Authorization))
+        );
+        assert_eq!(
+            extract(&h, Some("api_key=kg_q"), &all),
+            Err(CredentialError::TwoSources)
+        );
+        let x = HeaderName::from_static("x-api-key");
+        let mut h = HeaderMap::new();
+        h.insert(&x, "kg_h".parse().unwrap());
+        assert_eq!(
+            key(extract(&h, Some("a=1&api_key="), &all).unwrap()),
+            (b"kg_h".to_vec(), Some(Carrier::Header(&x)))
+        );
+        assert_eq!(
+            key(extract(&HeaderMap::new(), Some("a=1&api%5Fkey=kg%5Fq"), &all).unwrap()),
+            (b"kg_q".to_vec(), Some(Carrier::Query("api_key")))
+        );
+        assert_eq!(
+            extract(&HeaderMap::new(), Some("api_key=a&api_key=b"), &all),
+            Err(CredentialError::Repeated)
+        );
+        // Basic belongs to the upstream: not an offering, so no conflict with the header.
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, "Basic abc".parse().unwrap());
+        h.insert(&x, "kg_h".parse().unwrap());
+        assert_eq!(
+            extract(&h, None, &all).unwrap().carrier,
+            Some(Carrier::Header(&x))
+        );
+        // Unconfigured sources are not read at all.
+        let only_header = sources(vec![KeySource::Header(x.clone())]);
+        assert_eq!(
+            extract(&HeaderMap::new(), Some("api_key=kg_q"), &only_header).unwrap(),
+            Found {
+                credential: Credential::Absent,
+                carrier: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_query_loses_only_the_key_parameter() {
+        let q = Carrier::Query("api_key");
+        let cut = |s: &'static str| q.strip_query(Some(s)).map(|c| c.into_owned());
+        assert_eq!(cut("a=1&api_key=k&b=%20&c").as_deref(), Some("a=1&b=%20&c"));
+        assert_eq!(cut("api_key=k"), None);
+        assert_eq!(cut("api_key=k&api%5Fkey=j"), None);
+        assert_eq!(cut("z=2&a=1").as_deref(), Some("z=2&a=1"));
+        assert_eq!(cut("api_keyx=1&x=api_key").as_deref(), Some("api_keyx=1&x=api_key"));
+        assert_eq!(Carrier::Authorization.strip_query(None), None);
     }
 }

@@ -70,7 +70,12 @@ pub async fn forward(
     } else {
         None
     };
-    parts.uri = upstream_uri(permit, uri_host.as_ref(), down.path, down.query)?;
+    // A key sent as a query parameter is cut out; the rest of the query is kept as sent.
+    let query = match permit.strip {
+        Some(carrier) => carrier.strip_query(down.query),
+        None => down.query.map(std::borrow::Cow::Borrowed),
+    };
+    parts.uri = upstream_uri(permit, uri_host.as_ref(), down.path, query.as_deref())?;
     parts.version = match route.upstream.scheme {
         UpstreamScheme::H2c => Version::HTTP_2,
         UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,

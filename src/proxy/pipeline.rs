@@ -14,7 +14,7 @@ use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::config::routes::{host_without_port, Route};
+use crate::config::routes::{host_without_port, Preflight, Route};
 use crate::config::Config;
 use crate::control::snapshot::Snapshot;
 use crate::ops::accesslog::{AccessLog, Entry};
@@ -176,10 +176,13 @@ impl Pending {
             _ => None,
         };
         let config = &self.snapshot.config;
-        (
-            error::response(e, &config.www_authenticate, self.grpc),
-            reason,
-        )
+        // A route's 401 challenges with the schemes it reads keys under.
+        let challenge = self
+            .trace
+            .route
+            .and_then(|i| config.routes.get(i))
+            .map_or(&config.www_authenticate, |r| &r.key_sources.challenge);
+        (error::response(e, challenge, self.grpc), reason)
     }
 
     /// Where a gRPC request's final status is counted, for gRPC requests only.
@@ -305,7 +308,7 @@ async fn pipeline(
 ) -> Result<Response<Incoming>, GatewayError> {
     let config = &snapshot.config;
     let host = ingress(&req, config.limits.max_header_bytes)?;
-    let found = credential::extract(req.headers())?;
+    credential::single_authorization(req.headers())?;
     // Uri clones share their bytes; this frees `req` to move into `forward`.
     let uri = req.uri().clone();
     let normalized = path::normalize(uri.path())?;
@@ -314,7 +317,9 @@ async fn pipeline(
     }
     let route = choose_route(config, host.as_ref(), req.method(), &normalized)?;
     trace.route = Some(route.index);
-    let permit = admit(snapshot, route, found, trace)?;
+    let found = credential::extract(req.headers(), uri.query(), &route.key_sources)?;
+    let preflight = route.preflight == Preflight::Pass && is_preflight(&req);
+    let permit = admit(snapshot, route, &found, preflight, trace)?;
     if let (Some(key), true) = (permit.key, config.metrics_per_key) {
         key.uses
             .get_or_init(|| gateway.metrics.key_counter(&key.id))
@@ -387,14 +392,24 @@ pub(crate) fn choose_route<'c>(
         .ok_or(GatewayError::NoRoute)
 }
 
+/// A CORS preflight: `OPTIONS` with both `Origin` and `Access-Control-Request-Method`.
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    req.method() == Method::OPTIONS
+        && h.contains_key(http::header::ORIGIN)
+        && h.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
 /// Authorization, with what the log needs to know about the key either way.
 fn admit<'s>(
     snapshot: &'s Snapshot,
     route: &'s Route,
-    found: credential::Found<'_>,
+    found: &credential::Found<'_, 's>,
+    preflight: bool,
     trace: &mut Trace,
 ) -> Result<Permit<'s>, GatewayError> {
-    match authorize::authorize(route, &snapshot.keys, found, authorize::now_secs()) {
+    let now = authorize::now_secs();
+    match authorize::authorize(route, &snapshot.keys, found, preflight, now) {
         Ok(permit) => {
             trace.outcome = Some(match permit.key {
                 Some(key) => {
@@ -408,7 +423,7 @@ fn admit<'s>(
         }
         Err(e) => {
             // A known key that was refused (scope, expiry, revocation) is named in the log.
-            if let (Credential::ApiKey(token), true) = (found.credential, is_known_key(&e)) {
+            if let (Credential::ApiKey(token), true) = (&found.credential, is_known_key(&e)) {
                 if let Some(key) = snapshot.keys.lookup(&crate::keys::digest(token)) {
                     trace.key_id = Some(key.id_header.clone());
                     trace.service_account = Some(key.service_account_header.clone());
