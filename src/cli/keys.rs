@@ -1,4 +1,5 @@
-//! `keygate keys ...`: create, list, revoke, rotate, hash and import keys in the key file.
+//! `keygate keys ...`: create, list, revoke, rotate, hash and import keys in the key file;
+//! every change is recorded in the audit log when one is kept (`audit`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -11,12 +12,15 @@ use time::OffsetDateTime;
 use crate::cli::exit::{EXIT_FAILURE, EXIT_INVALID};
 use crate::config::Config;
 use crate::keys::check_scope;
+use crate::keys::audit::{Action, AuditLog, Entry};
 use crate::keys::file::{self as keyfile, KeyFileError};
 use crate::keys::last_used as state;
 use crate::keys::{self, KeyRecord};
 
+mod audit;
 mod list;
 mod rotate;
+mod secret;
 
 use list::{list_json, list_text};
 pub use rotate::RotateArgs;
@@ -28,6 +32,9 @@ pub enum Output {
     Text,
     /// For scripts.
     Json,
+    /// `create` and `rotate`: a Kubernetes Secret holding the updated key file, for
+    /// `kubectl apply -f -` (the new key goes to stderr, never into the manifest).
+    K8sSecret,
 }
 
 /// Options shared by every `keys` command.
@@ -47,6 +54,13 @@ pub struct KeysArgs {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Who is making the change, for the audit log (default: $USER).
+    #[arg(long, global = true)]
+    pub actor: Option<String>,
+    /// Audit log to append to (instead of the config's `audit_log`); with `--keys-file`,
+    /// the only way to have the change audited.
+    #[arg(long, global = true)]
+    pub audit_log: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: KeysCommand,
@@ -72,6 +86,9 @@ pub enum KeysCommand {
         /// Free text.
         #[arg(long)]
         description: Option<String>,
+        /// With `--output k8s-secret`: the Secret's name.
+        #[arg(long)]
+        secret_name: Option<String>,
     },
     /// List keys (never hashes or secrets).
     List,
@@ -84,6 +101,11 @@ pub enum KeysCommand {
     Rotate(RotateArgs),
     /// Read one key from stdin and print its sha256: hash line.
     Hash,
+    /// Print the audit log, or the lines about one key.
+    Audit {
+        /// Only lines about this key id (as the key, or as the key a rotation replaced).
+        id: Option<String>,
+    },
     /// Add an entry for a key issued elsewhere, by hash.
     Import {
         /// sha256:<64 hex>.
@@ -137,7 +159,7 @@ impl From<KeyFileError> for Failure {
                 code: EXIT_INVALID,
                 message: p.to_string().replace('\n', "; "),
             },
-            e @ KeyFileError::Io { .. } => failure(e.to_string()),
+            e @ (KeyFileError::Io { .. } | KeyFileError::Audit { .. }) => failure(e.to_string()),
         }
     }
 }
@@ -153,20 +175,34 @@ pub fn run(args: KeysArgs) -> ExitCode {
     }
 }
 
-/// Where the key file, state file and known scopes come from.
+/// Where the key file, state file, known scopes and audit log come from.
 struct Target {
     keys_file: PathBuf,
     state_file: PathBuf,
     known_scopes: Option<Vec<String>>,
+    /// Where key changes are recorded; `None` with `--keys-file` and no `--audit-log`.
+    audit: Option<AuditLog>,
 }
 
 fn target(args: &KeysArgs) -> Result<Target, Failure> {
+    let actor = audit::actor(args.actor.as_deref())?;
+    let audit_at = |config_path: Option<PathBuf>| {
+        args.audit_log
+            .clone()
+            .or(config_path)
+            .map(|path| AuditLog {
+                path,
+                actor: actor.clone(),
+            })
+    };
     if let Some(path) = &args.keys_file {
+        // No config is read: only `--audit-log` can name an audit log here.
         let state_file = crate::config::default_state_file(path);
         return Ok(Target {
             keys_file: path.clone(),
             state_file,
             known_scopes: None,
+            audit: audit_at(None),
         });
     }
     let config = Config::load(&args.config).map_err(|p| Failure {
@@ -177,6 +213,7 @@ fn target(args: &KeysArgs) -> Result<Target, Failure> {
         keys_file: config.keys_file.clone(),
         state_file: config.state_file.clone(),
         known_scopes: config.known_scopes.clone(),
+        audit: audit_at(config.audit_log.clone()),
     })
 }
 
@@ -270,16 +307,33 @@ struct Issued<'a> {
     replaces: Option<&'a str>,
 }
 
-fn print_issued(out: Output, rec: &KeyRecord, key: &str, replaces: Option<&str>) {
-    match out {
-        Output::Text => {
+/// Prints a new key once; `secret` is the Secret name and key file text for k8s-secret.
+fn print_issued(
+    out: Output,
+    rec: &KeyRecord,
+    key: &str,
+    replaces: Option<&str>,
+    secret: Option<(&str, &str)>,
+) {
+    match (out, secret) {
+        (Output::K8sSecret, Some((name, key_file))) => {
+            print!("{}", secret::manifest(name, key_file));
+            // The secret is for the operator, never for the cluster: stderr, not the manifest.
+            eprintln!("{key}");
+            eprintln!(
+                "Created key {} for {}. Store the secret now: it cannot be shown again, and it \
+                 is not in the manifest.",
+                rec.id, rec.service_account
+            );
+        }
+        (Output::Text | Output::K8sSecret, _) => {
             println!("{key}");
             eprintln!(
                 "Created key {} for {}. Store the secret now: it cannot be shown again.",
                 rec.id, rec.service_account
             );
         }
-        Output::Json => {
+        (Output::Json, _) => {
             let doc = Issued {
                 id: &rec.id,
                 key,
@@ -331,14 +385,17 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
         return hash();
     }
     let t = target(args)?;
+    let secret_name = secret::name_for(args)?;
     match &args.command {
         KeysCommand::Hash => Ok(()),
+        KeysCommand::Audit { id } => audit::show(args.output, &t, id.as_deref()),
         KeysCommand::Create {
             service_account,
             scopes,
             expires_in,
             expires_at,
             description,
+            secret_name: _,
         } => {
             let expires_at = new_key_terms(
                 &t,
@@ -354,7 +411,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 description: description.as_deref(),
                 expires_at,
             };
-            create(args.output, &t, &terms, now)
+            create(args.output, &t, &terms, now, secret_name)
         }
         KeysCommand::Import {
             hash,
@@ -383,7 +440,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
         }
         KeysCommand::List => list(args.output, &t, now),
         KeysCommand::Revoke { id } => revoke(args.output, &t, id, now),
-        KeysCommand::Rotate(r) => rotate::run(args.output, &t, now, r),
+        KeysCommand::Rotate(r) => rotate::run(args.output, &t, now, r, secret_name),
     }
 }
 
@@ -402,17 +459,32 @@ fn hash() -> Result<(), Failure> {
 }
 
 /// `keys create`: a fresh key, its secret printed once.
-fn create(out: Output, t: &Target, terms: &Terms<'_>, now: OffsetDateTime) -> Result<(), Failure> {
+fn create(
+    out: Output,
+    t: &Target,
+    terms: &Terms<'_>,
+    now: OffsetDateTime,
+    secret_name: Option<&str>,
+) -> Result<(), Failure> {
     let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
-    let rec = keyfile::update(&t.keys_file, |records| {
+    let (rec, text) = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
         let id = new_id(records).map_err(|f| f.message)?;
         let rec = terms.record(id, keys::digest(key.as_bytes()), now);
         records.push(rec.clone());
-        Ok(rec)
+        let entry = t.entry(Action::Create, &rec, now);
+        Ok(((rec, keyfile::render(records)), entry))
     })?
     .map_err(failure)?;
-    print_issued(out, &rec, &key, None);
+    print_issued(out, &rec, &key, None, secret_name.map(|n| (n, text.as_str())));
     Ok(())
+}
+
+impl Target {
+    /// The audit line for `action` on `rec` (built whether or not a log is kept).
+    fn entry(&self, action: Action, rec: &KeyRecord, now: OffsetDateTime) -> Entry {
+        let actor = self.audit.as_ref().map_or("", |a| a.actor.as_str());
+        Entry::of(action, rec, actor, now)
+    }
 }
 
 /// `keys import`: a key issued elsewhere, by its hash only.
@@ -429,7 +501,7 @@ fn import(
     if id.is_some_and(|id| !keys::valid_id(id)) {
         return Err(usage("--id: use letters, digits, '-', '_', '.'"));
     }
-    let rec = keyfile::update(&t.keys_file, |records| {
+    let rec = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
         if records.iter().any(|r| r.hash == digest) {
             return Err("a key with this hash is already in the key file".to_string());
         }
@@ -442,11 +514,12 @@ fn import(
         };
         let rec = terms.record(id, digest, now);
         records.push(rec.clone());
-        Ok(rec)
+        let entry = t.entry(Action::Import, &rec, now);
+        Ok((rec, entry))
     })?
     .map_err(failure)?;
     match out {
-        Output::Text => println!("{}", rec.id),
+        Output::Text | Output::K8sSecret => println!("{}", rec.id),
         Output::Json => println!("{}", list_json(&[rec], &state::State::default(), now)),
     }
     Ok(())
@@ -458,25 +531,26 @@ fn list(out: Output, t: &Target, now: OffsetDateTime) -> Result<(), Failure> {
     let st = state::load(&t.state_file);
     match out {
         Output::Json => println!("{}", list_json(&records, &st, now)),
-        Output::Text => print!("{}", list_text(&records, &st, now)),
+        Output::Text | Output::K8sSecret => print!("{}", list_text(&records, &st, now)),
     }
     Ok(())
 }
 
 /// `keys revoke`: sets `revoked_at` once; a second revoke keeps the first time.
 fn revoke(out: Output, t: &Target, id: &str, now: OffsetDateTime) -> Result<(), Failure> {
-    let rec = keyfile::update(&t.keys_file, |records| {
+    let rec = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
         let rec = records
             .iter_mut()
             .find(|r| r.id == id)
             .ok_or_else(|| format!("no key with id {id:?}"))?;
         rec.revoked_at.get_or_insert(now);
-        Ok(rec.clone())
+        let entry = t.entry(Action::Revoke, rec, now);
+        Ok((rec.clone(), entry))
     })?
     .map_err(failure)?;
     let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
     match out {
-        Output::Text => println!("revoked {} at {at}", rec.id),
+        Output::Text | Output::K8sSecret => println!("revoked {} at {at}", rec.id),
         Output::Json => println!(
             "{}",
             serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{Deserialize, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
+use super::audit::{AuditLog, Entry};
 use super::{
     check_scope, format_time, parse_hash, parse_time, valid_id, valid_service_account, Digest32,
     KeyRecord,
@@ -288,6 +289,14 @@ pub(crate) enum KeyFileError {
     /// The current file is invalid; nothing was written.
     #[error("{0}")]
     Invalid(Problems),
+    /// The audit line could not be written; the key file was left as it was.
+    #[error("audit log {path}: {source}; the key file was not changed")]
+    Audit {
+        /// The audit log.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Reading, locking or writing failed.
     #[error("{path}: {source}")]
     Io {
@@ -367,13 +376,45 @@ pub(crate) fn read(path: &Path) -> Result<Vec<KeyRecord>, KeyFileError> {
     }
 }
 
-/// Runs `edit` on the current records under an exclusive lock and writes the result.
+/// Runs `edit` on the current records under an exclusive lock and writes the result. The
+/// change's audit line (when a log is kept) is appended and fsynced first: a failed audit
+/// write leaves the key file as it was. Should the replacement then fail, a second line with
+/// `result: failed` says the change was not made.
+pub(crate) fn update_audited<T>(
+    path: &Path,
+    audit: Option<&AuditLog>,
+    edit: impl FnOnce(&mut Vec<KeyRecord>) -> Result<(T, Entry), String>,
+) -> Result<Result<T, String>, KeyFileError> {
+    let lock = lock(path)?;
+    let mut records = read(path)?;
+    let (value, entry) = match edit(&mut records) {
+        Ok(done) => done,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(log) = audit {
+        log.append(&entry, path).map_err(|source| KeyFileError::Audit {
+            path: log.path.clone(),
+            source,
+        })?;
+    }
+    if let Err(e) = write_atomic(path, render(&records).as_bytes()) {
+        if let Some(log) = audit {
+            let failed = Entry {
+                result: Some("failed".into()),
+                ..entry
+            };
+            let _ = log.append(&failed, path);
+        }
+        return Err(io_err(path)(e));
+    }
+    drop(lock);
+    Ok(Ok(value))
+}
+
+/// Takes the exclusive writer lock for the key file at `path`.
 ///
 /// The lock is on a sidecar `.lock` file because the key file itself is replaced by rename.
-pub(crate) fn update<T>(
-    path: &Path,
-    edit: impl FnOnce(&mut Vec<KeyRecord>) -> Result<T, String>,
-) -> Result<Result<T, String>, KeyFileError> {
+fn lock(path: &Path) -> Result<std::fs::File, KeyFileError> {
     // Beside the real file, so writers through a symlink and through its target share one lock.
     let target = atomic::resolve(path);
     let mut lock_name = target.file_name().unwrap_or_default().to_os_string();
@@ -393,13 +434,7 @@ pub(crate) fn update<T>(
         }
     }
     lock.lock().map_err(io_err(&lock_path))?;
-    let mut records = read(path)?;
-    let outcome = edit(&mut records);
-    if outcome.is_ok() {
-        write_atomic(path, render(&records).as_bytes()).map_err(io_err(path))?;
-    }
-    drop(lock);
-    Ok(outcome)
+    Ok(lock)
 }
 
 #[cfg(test)]

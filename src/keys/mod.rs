@@ -2,13 +2,15 @@
 //!
 //! The parts live beside it: `format` (the `kg_` key, checksum, digest), `store` (the
 //! [`KeyStore`] snapshot the request path probes), `scope` (grants and scope names), [`file`]
-//! (parse, render, lock, atomic write) and [`last_used`] (per-key times persisted to disk).
+//! (parse, render, lock, atomic write), [`last_used`] (per-key times persisted to disk) and
+//! [`audit`] (one JSON line per key change).
 
 use std::fmt;
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+pub(crate) mod audit;
 pub mod file;
 mod format;
 pub mod last_used;

@@ -5,6 +5,7 @@ use clap::Args;
 use time::OffsetDateTime;
 
 use super::{expiry, failure, new_id, print_issued, usage, Failure, Output, Target, Terms};
+use crate::keys::audit::{Action, Entry};
 use crate::keys::file as keyfile;
 use crate::keys::{self, KeyRecord};
 
@@ -28,6 +29,9 @@ pub struct RotateArgs {
     /// The new key never expires.
     #[arg(long)]
     pub no_expiry: bool,
+    /// With `--output k8s-secret`: the Secret's name.
+    #[arg(long)]
+    pub secret_name: Option<String>,
 }
 
 /// Issues a key with the old one's account and scopes, then ends the old one (a revoked one
@@ -43,7 +47,9 @@ pub(super) fn run(
         expires_in,
         expires_at,
         no_expiry,
+        secret_name: _,
     }: &RotateArgs,
+    secret_name: Option<&str>,
 ) -> Result<(), Failure> {
     let grace = match grace {
         Some(g) => {
@@ -60,7 +66,7 @@ pub(super) fn run(
         None
     };
     let key = keys::generate().map_err(|e| failure(format!("OS random source failed: {e}")))?;
-    let rec = keyfile::update(&t.keys_file, |records| {
+    let (rec, text) = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
         let old = records
             .iter_mut()
             .find(|r| &r.id == id)
@@ -91,10 +97,15 @@ pub(super) fn run(
             ..fresh
         };
         records.push(fresh.clone());
-        Ok(fresh)
+        let entry = Entry {
+            replaces: Some(id.clone()),
+            ..t.entry(Action::Rotate, &fresh, now)
+        };
+        Ok(((fresh, keyfile::render(records)), entry))
     })?
     .map_err(failure)?;
-    print_issued(out, &rec, &key, Some(id));
+    let secret = secret_name.map(|n| (n, text.as_str()));
+    print_issued(out, &rec, &key, Some(id), secret);
     Ok(())
 }
 
