@@ -9,6 +9,7 @@ mod edge;
 mod faults;
 mod forwarding;
 mod hostile;
+mod keys_audit;
 mod keys_cli;
 mod observability;
 mod ops;
