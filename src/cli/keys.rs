@@ -1,7 +1,6 @@
 //! `keygate keys ...`: create, list, revoke, rotate, hash and import keys in the key file;
 //! every change is recorded in the audit log when one is kept (`audit`).
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,14 +10,16 @@ use time::OffsetDateTime;
 
 use crate::cli::exit::{EXIT_FAILURE, EXIT_INVALID};
 use crate::config::Config;
-use crate::keys::check_scope;
 use crate::keys::audit::{Action, AuditLog, Entry};
+use crate::keys::check_scope;
 use crate::keys::file::{self as keyfile, KeyFileError};
 use crate::keys::last_used as state;
 use crate::keys::{self, KeyRecord};
 
 mod audit;
+mod import;
 mod list;
+mod revoke;
 mod rotate;
 mod secret;
 
@@ -187,13 +188,10 @@ struct Target {
 fn target(args: &KeysArgs) -> Result<Target, Failure> {
     let actor = audit::actor(args.actor.as_deref())?;
     let audit_at = |config_path: Option<PathBuf>| {
-        args.audit_log
-            .clone()
-            .or(config_path)
-            .map(|path| AuditLog {
-                path,
-                actor: actor.clone(),
-            })
+        args.audit_log.clone().or(config_path).map(|path| AuditLog {
+            path,
+            actor: actor.clone(),
+        })
     };
     if let Some(path) = &args.keys_file {
         // No config is read: only `--audit-log` can name an audit log here.
@@ -382,7 +380,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
     if let KeysCommand::Hash = args.command {
-        return hash();
+        return import::hash();
     }
     let t = target(args)?;
     let secret_name = secret::name_for(args)?;
@@ -436,26 +434,12 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 description: description.as_deref(),
                 expires_at,
             };
-            import(args.output, &t, hash, id.as_deref(), &terms, now)
+            import::import(args.output, &t, hash, id.as_deref(), &terms, now)
         }
         KeysCommand::List => list(args.output, &t, now),
-        KeysCommand::Revoke { id } => revoke(args.output, &t, id, now),
+        KeysCommand::Revoke { id } => revoke::revoke(args.output, &t, id, now),
         KeysCommand::Rotate(r) => rotate::run(args.output, &t, now, r, secret_name),
     }
-}
-
-/// `keys hash`: one key on stdin, its `sha256:` line on stdout.
-fn hash() -> Result<(), Failure> {
-    let mut input = String::new();
-    std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(|e| failure(format!("cannot read stdin: {e}")))?;
-    let key = input.trim_end_matches(['\n', '\r']);
-    if key.is_empty() || key.contains(['\n', ' ', '\t']) {
-        return Err(usage("expected exactly one key on stdin"));
-    }
-    println!("{}", keys::hash_line(key.as_bytes()));
-    Ok(())
 }
 
 /// `keys create`: a fresh key, its secret printed once.
@@ -475,7 +459,13 @@ fn create(
         Ok(((rec, keyfile::render(records)), entry))
     })?
     .map_err(failure)?;
-    print_issued(out, &rec, &key, None, secret_name.map(|n| (n, text.as_str())));
+    print_issued(
+        out,
+        &rec,
+        &key,
+        None,
+        secret_name.map(|n| (n, text.as_str())),
+    );
     Ok(())
 }
 
@@ -487,44 +477,6 @@ impl Target {
     }
 }
 
-/// `keys import`: a key issued elsewhere, by its hash only.
-fn import(
-    out: Output,
-    t: &Target,
-    hash: &str,
-    id: Option<&str>,
-    terms: &Terms<'_>,
-    now: OffsetDateTime,
-) -> Result<(), Failure> {
-    let digest = keys::parse_hash(hash)
-        .ok_or_else(|| usage("--hash: expected sha256: followed by 64 lowercase hex digits"))?;
-    if id.is_some_and(|id| !keys::valid_id(id)) {
-        return Err(usage("--id: use letters, digits, '-', '_', '.'"));
-    }
-    let rec = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
-        if records.iter().any(|r| r.hash == digest) {
-            return Err("a key with this hash is already in the key file".to_string());
-        }
-        let id = match id {
-            Some(id) if records.iter().any(|r| r.id == id) => {
-                return Err(format!("key id {id:?} already exists"))
-            }
-            Some(id) => id.to_string(),
-            None => new_id(records).map_err(|f| f.message)?,
-        };
-        let rec = terms.record(id, digest, now);
-        records.push(rec.clone());
-        let entry = t.entry(Action::Import, &rec, now);
-        Ok((rec, entry))
-    })?
-    .map_err(failure)?;
-    match out {
-        Output::Text | Output::K8sSecret => println!("{}", rec.id),
-        Output::Json => println!("{}", list_json(&[rec], &state::State::default(), now)),
-    }
-    Ok(())
-}
-
 /// `keys list`.
 fn list(out: Output, t: &Target, now: OffsetDateTime) -> Result<(), Failure> {
     let records = keyfile::read(&t.keys_file)?;
@@ -532,29 +484,6 @@ fn list(out: Output, t: &Target, now: OffsetDateTime) -> Result<(), Failure> {
     match out {
         Output::Json => println!("{}", list_json(&records, &st, now)),
         Output::Text | Output::K8sSecret => print!("{}", list_text(&records, &st, now)),
-    }
-    Ok(())
-}
-
-/// `keys revoke`: sets `revoked_at` once; a second revoke keeps the first time.
-fn revoke(out: Output, t: &Target, id: &str, now: OffsetDateTime) -> Result<(), Failure> {
-    let rec = keyfile::update_audited(&t.keys_file, t.audit.as_ref(), |records| {
-        let rec = records
-            .iter_mut()
-            .find(|r| r.id == id)
-            .ok_or_else(|| format!("no key with id {id:?}"))?;
-        rec.revoked_at.get_or_insert(now);
-        let entry = t.entry(Action::Revoke, rec, now);
-        Ok((rec.clone(), entry))
-    })?
-    .map_err(failure)?;
-    let at = rec.revoked_at.map(keys::format_time).unwrap_or_default();
-    match out {
-        Output::Text | Output::K8sSecret => println!("revoked {} at {at}", rec.id),
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({"id": rec.id, "status": "revoked", "revoked_at": at})
-        ),
     }
     Ok(())
 }

@@ -187,6 +187,14 @@ impl Config {
         problems
     }
 
+    /// The `WWW-Authenticate` value for a 401 on route `route` (by index): the schemes that
+    /// route reads keys under, or the realm's `Api-Key` challenge.
+    pub(crate) fn challenge(&self, route: Option<usize>) -> &HeaderValue {
+        route
+            .and_then(|i| self.routes.get(i))
+            .map_or(&self.www_authenticate, |r| &r.key_sources.challenge)
+    }
+
     /// Logs each of [`Config::warnings`] once; serve and every reload call it.
     pub(crate) fn log_warnings(&self) {
         for w in &self.warnings {

@@ -1,20 +1,33 @@
 //! One `routes:` entry -> a [`Route`]: what it matches, where it goes, which scopes it needs.
 
-use http::Method;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
 use serde_saphyr::{Location, Spanned};
 
 use super::check::Check;
 use super::fields::nearest_word;
 use super::raw::RawRoute;
 use super::resolve;
-use super::validate::RouteShared;
 use crate::config::routes::{HostMatch, Preflight, Route, Upstream, UpstreamScheme, UpstreamTls};
+use crate::config::sources::KeySources;
 use crate::keys::check_scope;
 
 /// The request methods a route may list; anything else is a typo or a method no client sends.
 const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
+
+/// What every route is checked against: settings from the config's top level.
+pub(super) struct RouteShared<'a> {
+    pub(super) known_scopes: Option<&'a [String]>,
+    /// The top-level `key_sources` (or the default), which a route may override.
+    pub(super) key_sources: &'a Arc<KeySources>,
+    /// The realm's challenge, which a route's own sources reuse.
+    pub(super) realm: &'a HeaderValue,
+    /// Identity header names, which no key source may read.
+    pub(super) reserved: &'a [&'a HeaderName],
+}
 
 /// Checks one route at `loc`; `None` when it has a problem (recorded in `c`).
 pub(super) fn check_route(
@@ -315,5 +328,78 @@ mod tests {
             .unwrap()
             .warnings
             .is_empty());
+    }
+
+    // Key sources: the top level's list, a route's own, and every problem at its place.
+    use crate::config::sources::{KeySource, Scheme};
+    use http::HeaderName;
+
+    fn parse_with(top: &str, route_extra: &str) -> Result<Config, Problems> {
+        Config::parse(
+            Path::new("cfg/keygate.yaml"),
+            &format!("keys_file: k\n{top}routes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    scopes: []\n{route_extra}"),
+        )
+    }
+
+    fn sources(cfg: &Config) -> Vec<KeySource> {
+        cfg.routes.iter().next().unwrap().key_sources.list.clone()
+    }
+
+    #[test]
+    fn default_is_api_key_and_routes_override_the_top_level() {
+        let cfg = parse_with("", "").unwrap();
+        assert_eq!(
+            sources(&cfg),
+            vec![KeySource::Authorization(Scheme::ApiKey)]
+        );
+        let cfg = parse_with(
+            "key_sources:\n  - authorization: bearer\n  - header: X-Api-Key\n",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            sources(&cfg),
+            vec![
+                KeySource::Authorization(Scheme::Bearer),
+                KeySource::Header(HeaderName::from_static("x-api-key"))
+            ]
+        );
+        let route = cfg.routes.iter().next().unwrap();
+        assert_eq!(route.key_sources.challenge, "Bearer realm=\"keygate\"");
+        assert_eq!(
+            &*route.key_sources.accepts,
+            "`Authorization: Bearer <key>` or `x-api-key: <key>`"
+        );
+        let cfg = parse_with(
+            "key_sources: [{header: X-Api-Key}]\n",
+            "    key_sources: [{query: api_key}]\n",
+        )
+        .unwrap();
+        assert_eq!(sources(&cfg), vec![KeySource::Query("api_key".into())]);
+    }
+
+    #[test]
+    fn bad_sources_are_problems_at_their_place() {
+        let err = parse_with(
+            "key_sources:\n  - cookie: x\n  - authorization: basic\n  - header: \"bad name\"\n  - header: Host\n  - query: \"a&b\"\n  - {header: a, query: b}\n",
+            "    key_sources: []\n",
+        )
+        .unwrap_err();
+        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(
+            at,
+            vec![
+                (3, 5),
+                (3, 5),
+                (4, 20),
+                (5, 13),
+                (6, 13),
+                (7, 12),
+                (8, 5),
+                (14, 18)
+            ],
+            "{err}"
+        );
+        assert!(err.0[0].message.contains("unknown field `cookie`"), "{err}");
     }
 }

@@ -152,7 +152,7 @@ pub struct Route {
     /// Forward WebSocket upgrades (no other upgrade token is ever forwarded).
     pub websocket: bool,
     /// Where this route reads keys from (the config's `key_sources` unless it sets its own).
-    pub key_sources: std::sync::Arc<crate::config::KeySources>,
+    pub key_sources: std::sync::Arc<super::sources::KeySources>,
     /// Whether CORS preflights need a key.
     pub preflight: Preflight,
 }
@@ -304,7 +304,7 @@ mod tests {
             max_body: None,
             upstream_tls: UpstreamTls::default(),
             websocket: true,
-            key_sources: std::sync::Arc::new(crate::config::KeySources::default_for(
+            key_sources: std::sync::Arc::new(crate::config::sources::KeySources::default_for(
                 &http::HeaderValue::from_static("Api-Key realm=\"keygate\""),
             )),
             preflight: Preflight::Auth,

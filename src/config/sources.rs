@@ -201,11 +201,7 @@ fn source(
     Some(KeySource::Query(q.value.as_str().into()))
 }
 
-fn header(
-    c: &mut Check<'_>,
-    h: &Spanned<String>,
-    reserved: &[&HeaderName],
-) -> Option<KeySource> {
+fn header(c: &mut Check<'_>, h: &Spanned<String>, reserved: &[&HeaderName]) -> Option<KeySource> {
     let Ok(name) = HeaderName::from_bytes(h.value.as_bytes()) else {
         c.at(h.referenced, format!("invalid header name {:?}", h.value));
         return None;
@@ -225,72 +221,4 @@ fn header(
         return None;
     }
     Some(KeySource::Header(name))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-    use crate::config::{Config, Problems};
-
-    fn parse(top: &str, route_extra: &str) -> Result<Config, Problems> {
-        Config::parse(
-            Path::new("cfg/keygate.yaml"),
-            &format!("keys_file: k\n{top}routes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    scopes: []\n{route_extra}"),
-        )
-    }
-
-    fn sources(cfg: &Config) -> Vec<KeySource> {
-        cfg.routes.iter().next().unwrap().key_sources.list.clone()
-    }
-
-    #[test]
-    fn default_is_api_key_and_routes_override_the_top_level() {
-        let cfg = parse("", "").unwrap();
-        assert_eq!(
-            sources(&cfg),
-            vec![KeySource::Authorization(Scheme::ApiKey)]
-        );
-        let cfg = parse(
-            "key_sources:\n  - authorization: bearer\n  - header: X-Api-Key\n",
-            "",
-        )
-        .unwrap();
-        assert_eq!(
-            sources(&cfg),
-            vec![
-                KeySource::Authorization(Scheme::Bearer),
-                KeySource::Header(HeaderName::from_static("x-api-key"))
-            ]
-        );
-        let route = cfg.routes.iter().next().unwrap();
-        assert_eq!(route.key_sources.challenge, "Bearer realm=\"keygate\"");
-        assert_eq!(
-            &*route.key_sources.accepts,
-            "`Authorization: Bearer <key>` or `x-api-key: <key>`"
-        );
-        let cfg = parse(
-            "key_sources: [{header: X-Api-Key}]\n",
-            "    key_sources: [{query: api_key}]\n",
-        )
-        .unwrap();
-        assert_eq!(sources(&cfg), vec![KeySource::Query("api_key".into())]);
-    }
-
-    #[test]
-    fn bad_sources_are_problems_at_their_place() {
-        let err = parse(
-            "key_sources:\n  - cookie: x\n  - authorization: basic\n  - header: \"bad name\"\n  - header: Host\n  - query: \"a&b\"\n  - {header: a, query: b}\n",
-            "    key_sources: []\n",
-        )
-        .unwrap_err();
-        let at: Vec<(u64, u64)> = err.0.iter().map(|p| (p.line, p.column)).collect();
-        assert_eq!(
-            at,
-            vec![(3, 5), (3, 5), (4, 20), (5, 13), (6, 13), (7, 12), (8, 5), (14, 18)],
-            "{err}"
-        );
-        assert!(err.0[0].message.contains("unknown field `cookie`"), "{err}");
-    }
 }

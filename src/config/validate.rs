@@ -11,6 +11,7 @@ use serde_saphyr::{Location, Spanned};
 
 use super::check::Check;
 use super::raw::{RawConfig, RawIdentity, RawLimits, RawRoute};
+use super::route::RouteShared;
 use super::{
     default_state_file, folder_of, parse_duration, resolve, Config, IdentityHeaders, KeySources,
     Limits, LogFormat, Problem, Problems, TlsFiles, DEFAULT_LISTEN,
@@ -267,17 +268,6 @@ fn shutdown(c: &mut Check<'_>, raw: &RawConfig) -> (Duration, Duration) {
     let grace = read(&raw.shutdown_grace, Duration::from_secs(30));
     let delay = read(&raw.shutdown_delay, Duration::ZERO);
     (grace, delay)
-}
-
-/// What every route is checked against: settings from the config's top level.
-pub(super) struct RouteShared<'a> {
-    pub(super) known_scopes: Option<&'a [String]>,
-    /// The top-level `key_sources` (or the default), which a route may override.
-    pub(super) key_sources: &'a Arc<KeySources>,
-    /// The realm's challenge, which a route's own sources reuse.
-    pub(super) realm: &'a HeaderValue,
-    /// Identity header names, which no key source may read.
-    pub(super) reserved: &'a [&'a HeaderName],
 }
 
 fn routes(

@@ -106,9 +106,7 @@ pub fn extract<'h, 's>(
             KeySource::Header(name) => {
                 from_header(headers, name)?.map(|c| (c, Carrier::Header(name)))
             }
-            KeySource::Query(name) => {
-                from_query(query, name)?.map(|c| (c, Carrier::Query(name)))
-            }
+            KeySource::Query(name) => from_query(query, name)?.map(|c| (c, Carrier::Query(name))),
         };
         if let Some((credential, carrier)) = offered {
             if found.is_some() {
@@ -188,7 +186,11 @@ fn percent_decode(s: &str) -> Cow<'_, [u8]> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push(h << 4 | l);
                 i += 3;
@@ -377,10 +379,7 @@ mod tests {
             Some(Carrier::Authorization)
         );
         h.append(AUTHORIZATION, "Api-Key b".parse().unwrap());
-        assert_eq!(
-            extract(&h, None, &default),
-            Err(CredentialError::Duplicate)
-        );
+        assert_eq!(extract(&h, None, &default), Err(CredentialError::Duplicate));
         let mut up = h.clone();
         Carrier::Authorization.strip(&mut up);
         assert!(up.get(AUTHORIZATION).is_none());
@@ -447,7 +446,10 @@ mod tests {
         assert_eq!(cut("api_key=k"), None);
         assert_eq!(cut("api_key=k&api%5Fkey=j"), None);
         assert_eq!(cut("z=2&a=1").as_deref(), Some("z=2&a=1"));
-        assert_eq!(cut("api_keyx=1&x=api_key").as_deref(), Some("api_keyx=1&x=api_key"));
+        assert_eq!(
+            cut("api_keyx=1&x=api_key").as_deref(),
+            Some("api_keyx=1&x=api_key")
+        );
         assert_eq!(Carrier::Authorization.strip_query(None), None);
     }
 }

@@ -176,12 +176,7 @@ impl Pending {
             _ => None,
         };
         let config = &self.snapshot.config;
-        // A route's 401 challenges with the schemes it reads keys under.
-        let challenge = self
-            .trace
-            .route
-            .and_then(|i| config.routes.get(i))
-            .map_or(&config.www_authenticate, |r| &r.key_sources.challenge);
+        let challenge = config.challenge(self.trace.route);
         (error::response(e, challenge, self.grpc), reason)
     }
 
@@ -318,7 +313,8 @@ async fn pipeline(
     let route = choose_route(config, host.as_ref(), req.method(), &normalized)?;
     trace.route = Some(route.index);
     let found = credential::extract(req.headers(), uri.query(), &route.key_sources)?;
-    let preflight = route.preflight == Preflight::Pass && is_preflight(&req);
+    let preflight =
+        route.preflight == Preflight::Pass && headers::is_preflight(req.method(), req.headers());
     let permit = admit(snapshot, route, &found, preflight, trace)?;
     if let (Some(key), true) = (permit.key, config.metrics_per_key) {
         key.uses
@@ -390,14 +386,6 @@ pub(crate) fn choose_route<'c>(
         .routes
         .find(host_name, method, &path::route_key(normalized))
         .ok_or(GatewayError::NoRoute)
-}
-
-/// A CORS preflight: `OPTIONS` with both `Origin` and `Access-Control-Request-Method`.
-fn is_preflight<B>(req: &Request<B>) -> bool {
-    let h = req.headers();
-    req.method() == Method::OPTIONS
-        && h.contains_key(http::header::ORIGIN)
-        && h.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// Authorization, with what the log needs to know about the key either way.

@@ -35,6 +35,14 @@ static HOP_BY_HOP: [&HeaderName; 8] = [
     &HTTP2_SETTINGS,
 ];
 
+/// A CORS preflight: `OPTIONS` carrying both `Origin` and `Access-Control-Request-Method`
+/// (a plain `OPTIONS` is not one).
+pub fn is_preflight(method: &http::Method, h: &HeaderMap) -> bool {
+    method == http::Method::OPTIONS
+        && h.contains_key(header::ORIGIN)
+        && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
 /// True for names the gateway owns and an identity header must not reuse.
 pub fn is_reserved(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
@@ -348,5 +356,20 @@ mod tests {
         let a = ensure_request_id(&mut m);
         assert_eq!(a.len(), 32);
         assert_ne!(a, new_request_id());
+    }
+
+    #[test]
+    fn a_preflight_needs_options_origin_and_the_requested_method() {
+        let mut h = HeaderMap::new();
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://a"));
+        assert!(!is_preflight(&http::Method::OPTIONS, &h));
+        h.insert(
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            HeaderValue::from_static("POST"),
+        );
+        assert!(is_preflight(&http::Method::OPTIONS, &h));
+        assert!(!is_preflight(&http::Method::GET, &h));
+        h.remove(header::ORIGIN);
+        assert!(!is_preflight(&http::Method::OPTIONS, &h));
     }
 }

@@ -14,7 +14,12 @@ fn setup(audit: &str) -> (tempfile::TempDir, PathBuf) {
         &dir.path().join("keygate.yaml"),
         &format!(
             "keys_file: keys.yaml\n{audit}routes:\n{}",
-            route("api", "/api/", "http://127.0.0.1:1", "    scopes: [app.read]\n")
+            route(
+                "api",
+                "/api/",
+                "http://127.0.0.1:1",
+                "    scopes: [app.read]\n"
+            )
         ),
     );
     let cfg = dir.path().join("keygate.yaml");
@@ -93,7 +98,10 @@ fn every_change_appends_one_line_with_its_actor() {
         ],
     ));
     let lines = audit_lines(&log);
-    let actions: Vec<&str> = lines.iter().map(|l| l["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["create", "rotate", "revoke", "import"]);
     let actors: Vec<&str> = lines.iter().map(|l| l["actor"].as_str().unwrap()).collect();
     assert_eq!(actors, ["alice", "env-user", "bob", "env-user"]);
@@ -108,7 +116,10 @@ fn every_change_appends_one_line_with_its_actor() {
     assert_eq!(lines[3]["id"], "imported");
     for l in &lines {
         let t = l["time"].as_str().unwrap();
-        assert!(t.ends_with('Z') && keygate::keys::parse_time(t).is_ok(), "{t}");
+        assert!(
+            t.ends_with('Z') && keygate::keys::parse_time(t).is_ok(),
+            "{t}"
+        );
     }
     // Neither secrets nor hashes are in the log.
     let text = std::fs::read_to_string(&log).unwrap();
@@ -131,8 +142,14 @@ fn keys_audit_prints_all_or_one_key_s_lines() {
     assert_eq!(all.lines().count(), 3, "{all}");
     let only_a = ok(&keys(&cfg, &["audit", a]));
     assert_eq!(only_a.lines().count(), 2, "{only_a}");
-    assert!(only_a.lines().all(|l| l.contains(a) && !l.contains(b)), "{only_a}");
-    assert!(only_a.contains("revoke") && only_a.contains("env-user"), "{only_a}");
+    assert!(
+        only_a.lines().all(|l| l.contains(a) && !l.contains(b)),
+        "{only_a}"
+    );
+    assert!(
+        only_a.contains("revoke") && only_a.contains("env-user"),
+        "{only_a}"
+    );
     let json = ok(&keys(&cfg, &["audit", b, "--output", "json"]));
     let rows: Vec<serde_json::Value> = json
         .lines()
@@ -153,7 +170,10 @@ fn a_failed_audit_write_stops_the_change() {
         &["create", "--service-account", "sa", "--scope", "app.read"],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty(), "no key may be shown for a change not made");
+    assert!(
+        out.stdout.is_empty(),
+        "no key may be shown for a change not made"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("audit log"), "{err}");
     assert_eq!(
@@ -169,7 +189,14 @@ fn without_a_config_only_audit_log_flag_audits() {
     write(&kf, "keys: []\n");
     let run = |extra: &[&str]| {
         Command::new(bin())
-            .args(["keys", "create", "--service-account", "sa", "--scope", "a.b"])
+            .args([
+                "keys",
+                "create",
+                "--service-account",
+                "sa",
+                "--scope",
+                "a.b",
+            ])
             .arg("--keys-file")
             .arg(&kf)
             .args(extra)
@@ -179,7 +206,12 @@ fn without_a_config_only_audit_log_flag_audits() {
     ok(&run(&[]));
     assert!(!dir.path().join("audit.jsonl").exists());
     let log = dir.path().join("audit.jsonl");
-    ok(&run(&["--audit-log", log.to_str().unwrap(), "--actor", "ci"]));
+    ok(&run(&[
+        "--audit-log",
+        log.to_str().unwrap(),
+        "--actor",
+        "ci",
+    ]));
     let lines = audit_lines(&log);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["actor"], "ci");
@@ -234,15 +266,38 @@ fn k8s_secret_holds_the_updated_key_file_with_hashes_only() {
     let id = first["id"].as_str().unwrap();
     let out = keys(
         &cfg,
-        &["rotate", id, "--output", "k8s-secret", "--secret-name", "postbox-keys"],
+        &[
+            "rotate",
+            id,
+            "--output",
+            "k8s-secret",
+            "--secret-name",
+            "postbox-keys",
+        ],
     );
     let doc: serde_json::Value = serde_saphyr::from_str(&ok(&out)).unwrap();
     assert_eq!(doc["kind"], "Secret");
     // Misuse is a usage error.
     for args in [
-        &["create", "--service-account", "s", "--scope", "a.b", "--output", "k8s-secret"][..],
+        &[
+            "create",
+            "--service-account",
+            "s",
+            "--scope",
+            "a.b",
+            "--output",
+            "k8s-secret",
+        ][..],
         &["list", "--output", "k8s-secret"][..],
-        &["create", "--service-account", "s", "--scope", "a.b", "--secret-name", "x"][..],
+        &[
+            "create",
+            "--service-account",
+            "s",
+            "--scope",
+            "a.b",
+            "--secret-name",
+            "x",
+        ][..],
         &[
             "create",
             "--service-account",

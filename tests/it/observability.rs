@@ -11,7 +11,11 @@ use crate::cli::{free_port, wait_listening, Proc};
 use crate::support::*;
 
 /// Runs the binary on `routes` and returns its access log lines after `traffic` ran.
-pub(crate) async fn log_lines<F, Fut>(routes: &str, keys: &[&TestKey], traffic: F) -> Vec<serde_json::Value>
+pub(crate) async fn log_lines<F, Fut>(
+    routes: &str,
+    keys: &[&TestKey],
+    traffic: F,
+) -> Vec<serde_json::Value>
 where
     F: FnOnce(std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()>,

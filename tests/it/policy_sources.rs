@@ -101,7 +101,10 @@ async fn two_sources_at_once_are_a_bad_request() {
         ),
         (
             "/all/x".into(),
-            vec![format!("Authorization: Bearer {s}"), format!("X-Api-Key: {s}")],
+            vec![
+                format!("Authorization: Bearer {s}"),
+                format!("X-Api-Key: {s}"),
+            ],
         ),
         (
             "/all/x".into(),
@@ -213,7 +216,14 @@ async fn preflight_pass_lets_only_real_preflights_through_without_a_key() {
     // The default (`preflight: auth`) wants a key from preflights too.
     let r = request(gw.addr, "OPTIONS", "/plain/x", &preflight, b"").await;
     assert_eq!(r.status, 401);
-    let r = request(gw.addr, "OPTIONS", "/plain/x", &[preflight[0], preflight[1], &with_key], b"").await;
+    let r = request(
+        gw.addr,
+        "OPTIONS",
+        "/plain/x",
+        &[preflight[0], preflight[1], &with_key],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(up.count(), 3);
     gw.stop().await;
@@ -250,14 +260,25 @@ async fn the_access_log_never_holds_the_query() {
     );
     let secret = k.secret.clone();
     let lines = crate::observability::log_lines(&routes, &[&k], |addr| async move {
-        assert_eq!(get(addr, &format!("/a/x?api_key={secret}&q=1"), &[]).await.status, 200);
-        assert_eq!(get(addr, "/a/../a/y?api_key=kg_wrong", &[]).await.status, 401);
+        assert_eq!(
+            get(addr, &format!("/a/x?api_key={secret}&q=1"), &[])
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            get(addr, "/a/../a/y?api_key=kg_wrong", &[]).await.status,
+            401
+        );
     })
     .await;
     assert_eq!(lines.len(), 2, "{lines:?}");
     for line in &lines {
         let text = line.to_string();
-        assert!(!text.contains("api_key") && !text.contains(&k.secret), "{text}");
+        assert!(
+            !text.contains("api_key") && !text.contains(&k.secret),
+            "{text}"
+        );
     }
     assert_eq!(lines[0]["key_id"], "k1");
 }
