@@ -13,10 +13,14 @@ use crate::config::Config;
 use crate::keys::check_scope;
 use crate::keys::file::{self as keyfile, KeyFileError};
 use crate::keys::last_used as state;
+use crate::keys::limit::Limits;
 use crate::keys::{self, KeyRecord};
 
+mod limits;
 mod list;
 mod rotate;
+
+pub use limits::LimitArgs;
 
 use list::{list_json, list_text};
 pub use rotate::RotateArgs;
@@ -72,6 +76,9 @@ pub enum KeysCommand {
         /// Free text.
         #[arg(long)]
         description: Option<String>,
+        /// Rate limit, quota and client networks.
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (never hashes or secrets).
     List,
@@ -107,6 +114,9 @@ pub enum KeysCommand {
         /// Free text.
         #[arg(long)]
         description: Option<String>,
+        /// Rate limit, quota and client networks.
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
@@ -300,6 +310,7 @@ pub(crate) struct Terms<'a> {
     pub(crate) scopes: &'a [String],
     pub(crate) description: Option<&'a str>,
     pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) limits: Limits,
 }
 
 impl Terms<'_> {
@@ -319,6 +330,7 @@ impl Terms<'_> {
             created_at: Some(now),
             expires_at: self.expires_at,
             revoked_at: None,
+            limits: self.limits.clone(),
         }
     }
 }
@@ -339,6 +351,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_in,
             expires_at,
             description,
+            limits,
         } => {
             let expires_at = new_key_terms(
                 &t,
@@ -353,6 +366,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 scopes,
                 description: description.as_deref(),
                 expires_at,
+                limits: limits.apply(&Limits::default())?,
             };
             create(args.output, &t, &terms, now)
         }
@@ -364,6 +378,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_in,
             expires_at,
             description,
+            limits,
         } => {
             let expires_at = new_key_terms(
                 &t,
@@ -378,6 +393,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 scopes,
                 description: description.as_deref(),
                 expires_at,
+                limits: limits.apply(&Limits::default())?,
             };
             import(args.output, &t, hash, id.as_deref(), &terms, now)
         }

@@ -50,7 +50,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Manage API keys.
-    Keys(keys::KeysArgs),
+    Keys(Box<keys::KeysArgs>),
 }
 
 /// Set when diagnostics are JSON lines, so errors printed on the way out are JSON too.
@@ -91,7 +91,7 @@ pub fn run(cli: Cli) -> ExitCode {
             runtime().and_then(|rt| rt.block_on(crate::cli::demo::run_echo(listen)))
         }
         Command::Validate { config } => return validate(&config),
-        Command::Keys(args) => return keys::run(args),
+        Command::Keys(args) => return keys::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,6 +73,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Whether metrics carry key ids.
     pub metrics_per_key: bool,
+    /// Peers whose `X-Forwarded-*` headers are believed; empty believes none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Settings that are allowed but probably not meant (`scopes: []`), in file order.
     pub warnings: Vec<Problem>,
 }

@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) shutdown_grace: Option<Spanned<String>>,
     pub(super) shutdown_delay: Option<Spanned<String>>,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +80,7 @@ pub(super) struct RawRoute {
     pub(super) ca_file: Option<Spanned<String>>,
     pub(super) tls_server_name: Option<Spanned<String>>,
     pub(super) websocket: Option<Spanned<bool>>,
+    pub(super) rate_limit: Option<Spanned<String>>,
 }
 
 // Unknown keys are found by walking these, not by serde, so that each one is reported with
@@ -115,6 +117,7 @@ const ROUTE_SHAPE: Shape = Shape::Map(
         ("ca_file", Shape::Leaf),
         ("tls_server_name", Shape::Leaf),
         ("websocket", Shape::Leaf),
+        ("rate_limit", Shape::Leaf),
     ],
 );
 pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
@@ -134,6 +137,7 @@ pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
         ("shutdown_grace", Shape::Leaf),
         ("shutdown_delay", Shape::Leaf),
         ("metrics", METRICS_SHAPE),
+        ("trusted_proxies", Shape::Leaf),
     ],
 );
 

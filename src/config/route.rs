@@ -55,6 +55,7 @@ pub(super) fn check_route(
         .and_then(|t| c.duration_value(t, "timeout"));
     let max_body = r.max_body.as_ref().and_then(|m| c.size_value(m));
     let upstream_tls = upstream_tls(c, r, upstream.as_ref());
+    let rate_limit = rate_limit(c, r, public, route_name);
 
     if c.problems.len() != before {
         return None;
@@ -73,7 +74,28 @@ pub(super) fn check_route(
         timeout,
         public,
         websocket: r.websocket.as_ref().is_none_or(|w| w.value),
+        rate_limit,
     })
+}
+
+/// A route's `rate_limit`, counted per key: a public route has no key to count by.
+fn rate_limit(
+    c: &mut Check<'_>,
+    r: &RawRoute,
+    public: bool,
+    route_name: &str,
+) -> Option<crate::keys::limit::Rate> {
+    let text = r.rate_limit.as_ref()?;
+    if public {
+        c.at(
+            text.referenced,
+            format!("route {route_name:?} is public: rate_limit counts per key, and a public route checks none"),
+        );
+        return None;
+    }
+    crate::keys::limit::Rate::parse(&text.value, None)
+        .map_err(|e| c.at(text.referenced, e))
+        .ok()
 }
 
 /// The prefix as written; it must already be normalized, or it could never match a request.

@@ -151,6 +151,8 @@ pub struct Route {
     pub upstream_tls: UpstreamTls,
     /// Forward WebSocket upgrades (no other upgrade token is ever forwarded).
     pub websocket: bool,
+    /// Per key on this route, beside the key's own limit; the stricter wins.
+    pub rate_limit: Option<crate::keys::limit::Rate>,
 }
 
 /// How an `https://` upstream is verified.
@@ -289,6 +291,7 @@ mod tests {
             max_body: None,
             upstream_tls: UpstreamTls::default(),
             websocket: true,
+            rate_limit: None,
         }
     }
 

@@ -43,6 +43,7 @@ pub(super) fn validate(
     let limits = limits(&mut c, raw.limits.as_ref());
     let (shutdown_grace, shutdown_delay) = shutdown(&mut c, &raw);
     let routes = routes(&mut c, raw.routes.as_ref(), top, known_scopes.as_deref());
+    let trusted_proxies = trusted_proxies(&mut c, raw.trusted_proxies.as_deref());
 
     if !c.problems.is_empty() {
         return Err(Problems::sorted(c.problems));
@@ -66,8 +67,22 @@ pub(super) fn validate(
         shutdown_grace,
         shutdown_delay,
         metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
+        trusted_proxies,
         warnings: Problems::sorted(c.warnings).0,
     })
+}
+
+/// `trusted_proxies`: networks whose forwarded headers keygate believes.
+fn trusted_proxies(c: &mut Check<'_>, listed: Option<&[Spanned<String>]>) -> Vec<ipnet::IpNet> {
+    listed
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            crate::keys::limit::parse_cidr(&p.value)
+                .map_err(|e| c.at(p.referenced, format!("trusted_proxies: {e}")))
+                .ok()
+        })
+        .collect()
 }
 
 fn listen(c: &mut Check<'_>, raw: &RawConfig) -> SocketAddr {

@@ -13,6 +13,7 @@ mod keys_cli;
 mod observability;
 mod ops;
 mod paths;
+mod policy;
 mod production;
 mod protocols;
 mod reload;
