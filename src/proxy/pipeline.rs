@@ -334,11 +334,7 @@ async fn pipeline(
     let route = choose_route(config, host.as_ref(), req.method(), &normalized)?;
     trace.route = Some(route.index);
     let permit = admit(snapshot, route, found, trace)?;
-    let now = policy::Now {
-        mono_ns: crate::keys::limit::mono_ns(Instant::now()),
-        unix: authorize::now_secs(),
-    };
-    policy::check(&permit, &snapshot.meters, client.ip, now)?;
+    policy::check(&permit, &snapshot.meters, client.ip)?;
     if let (Some(key), true) = (permit.key, config.metrics_per_key) {
         key.uses
             .get_or_init(|| gateway.metrics.key_counter(&key.id))

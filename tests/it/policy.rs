@@ -323,3 +323,27 @@ fn create_and_rotate_write_limits_and_list_shows_quota_use() {
     let table = keys_cmd(&file, &["list"]);
     assert!(table.contains("7 / 50/h"), "{table}");
 }
+
+#[tokio::test]
+async fn refusals_are_counted_by_reason() {
+    let admin = free_loopback_addr();
+    let k = TestKey::new("k1", "sa", &["p.read"])
+        .with("    rate_limit: 1/min\n    allowed_cidrs: [127.0.0.0/8]\n");
+    let far = TestKey::new("far", "sa", &["p.read"]).with("    allowed_cidrs: [10.0.0.0/8]\n");
+    let q = TestKey::new("q", "sa", &["p.read"]).with("    quota: 1/h\n");
+    let (_up, gw) = one_route(&format!("admin_listen: {admin}\n"), "", &[&k, &far, &q]).await;
+    for key in [&k, &k, &far, &q, &q] {
+        call(gw.addr, key, &[]).await;
+    }
+    let m = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap();
+    for reason in ["rate_limited", "quota_exceeded", "client_not_allowed"] {
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("keygate_requests_total") && l.contains(&format!("auth=\"{reason}\""))
+            })
+            .unwrap_or_else(|| panic!("no {reason} count in\n{m}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
+    gw.stop().await;
+}
