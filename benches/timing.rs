@@ -26,6 +26,7 @@ fn record(secret: &str, i: usize) -> KeyRecord {
         created_at: None,
         expires_at: None,
         revoked_at: None,
+        limits: Default::default(),
     }
 }
 

@@ -2,10 +2,11 @@
 //! unrevoked API key with the right scope.
 //!
 //! ```text
-//!  client ─► proxy::listener ─► proxy::pipeline ──────────────────────────────► upstream
-//!            workers, accept,   ingress checks ─► route ─► credential ─► authorize ─► forward
-//!            conn lifecycle     (wire::path,      (config   (KeySource: what   (Permit:   (upstream
-//!            (proxy::conn)       wire::headers)    routes)   to strip)          key+strip) clients)
+//!  client ─► proxy::listener ─► proxy::pipeline ─────────────────────────────────────► upstream
+//!            workers, accept,   ingress ─► route ─► credential ─► authorize ─► policy ─► forward
+//!            conn lifecycle     (wire::path, (config  (KeySource: what (Permit:  (cidrs,  (upstream
+//!            (proxy::conn)       headers,     routes)  to strip)        key+strip) rates,  clients)
+//!                                client)                                          quota)
 //!                                      │ refusals: proxy::error (JSON or gRPC status)
 //!  client ◄── response ◄── proxy::observe (end of body: ops::accesslog, ops::metrics) ◄──┘
 //!

@@ -14,14 +14,18 @@ use crate::keys::audit::{Action, AuditLog, Entry};
 use crate::keys::check_scope;
 use crate::keys::file::{self as keyfile, KeyFileError};
 use crate::keys::last_used as state;
+use crate::keys::limit::Limits;
 use crate::keys::{self, KeyRecord};
 
 mod audit;
 mod import;
+mod limits;
 mod list;
 mod revoke;
 mod rotate;
 mod secret;
+
+pub use limits::LimitArgs;
 
 use list::{list_json, list_text};
 pub use rotate::RotateArgs;
@@ -90,6 +94,9 @@ pub enum KeysCommand {
         /// With `--output k8s-secret`: the Secret's name.
         #[arg(long)]
         secret_name: Option<String>,
+        /// Rate limit, quota and client networks.
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (never hashes or secrets).
     List,
@@ -130,6 +137,9 @@ pub enum KeysCommand {
         /// Free text.
         #[arg(long)]
         description: Option<String>,
+        /// Rate limit, quota and client networks.
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
@@ -352,6 +362,7 @@ pub(crate) struct Terms<'a> {
     pub(crate) scopes: &'a [String],
     pub(crate) description: Option<&'a str>,
     pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) limits: Limits,
 }
 
 impl Terms<'_> {
@@ -371,6 +382,7 @@ impl Terms<'_> {
             created_at: Some(now),
             expires_at: self.expires_at,
             revoked_at: None,
+            limits: self.limits.clone(),
         }
     }
 }
@@ -394,6 +406,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_at,
             description,
             secret_name: _,
+            limits,
         } => {
             let expires_at = new_key_terms(
                 &t,
@@ -408,6 +421,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 scopes,
                 description: description.as_deref(),
                 expires_at,
+                limits: limits.apply(&Limits::default())?,
             };
             create(args.output, &t, &terms, now, secret_name)
         }
@@ -419,6 +433,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
             expires_in,
             expires_at,
             description,
+            limits,
         } => {
             let expires_at = new_key_terms(
                 &t,
@@ -433,6 +448,7 @@ fn execute(args: &KeysArgs) -> Result<(), Failure> {
                 scopes,
                 description: description.as_deref(),
                 expires_at,
+                limits: limits.apply(&Limits::default())?,
             };
             import::import(args.output, &t, hash, id.as_deref(), &terms, now)
         }

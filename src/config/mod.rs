@@ -77,6 +77,8 @@ pub struct Config {
     pub metrics_per_key: bool,
     /// Where `keys` commands append one JSON line per key change, when set.
     pub audit_log: Option<PathBuf>,
+    /// Peers whose `X-Forwarded-*` headers are believed; empty believes none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Settings that are allowed but probably not meant (`scopes: []`), in file order.
     pub warnings: Vec<Problem>,
 }

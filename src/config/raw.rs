@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) shutdown_grace: Option<Spanned<String>>,
     pub(super) shutdown_delay: Option<Spanned<String>>,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) key_sources: Option<Spanned<Vec<Spanned<RawSource>>>>,
     pub(super) audit_log: Option<Spanned<String>>,
 }
@@ -91,6 +92,7 @@ pub(super) struct RawRoute {
     pub(super) websocket: Option<Spanned<bool>>,
     pub(super) key_sources: Option<Spanned<Vec<Spanned<RawSource>>>>,
     pub(super) preflight: Option<Spanned<String>>,
+    pub(super) rate_limit: Option<Spanned<String>>,
 }
 
 // Unknown keys are found by walking these, not by serde, so that each one is reported with
@@ -137,6 +139,7 @@ const ROUTE_SHAPE: Shape = Shape::Map(
         ("websocket", Shape::Leaf),
         ("key_sources", Shape::List(&SOURCE_SHAPE)),
         ("preflight", Shape::Leaf),
+        ("rate_limit", Shape::Leaf),
     ],
 );
 pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
@@ -158,6 +161,7 @@ pub(super) const CONFIG_SHAPE: Shape = Shape::Map(
         ("metrics", METRICS_SHAPE),
         ("key_sources", Shape::List(&SOURCE_SHAPE)),
         ("audit_log", Shape::Leaf),
+        ("trusted_proxies", Shape::Leaf),
     ],
 );
 

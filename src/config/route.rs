@@ -77,6 +77,7 @@ pub(super) fn check_route(
         .and_then(|t| c.duration_value(t, "timeout"));
     let max_body = r.max_body.as_ref().and_then(|m| c.size_value(m));
     let upstream_tls = upstream_tls(c, r, upstream.as_ref());
+    let rate_limit = rate_limit(c, r, public, route_name);
 
     if c.problems.len() != before {
         return None;
@@ -97,7 +98,28 @@ pub(super) fn check_route(
         websocket: r.websocket.as_ref().is_none_or(|w| w.value),
         key_sources,
         preflight,
+        rate_limit,
     })
+}
+
+/// A route's `rate_limit`, counted per key: a public route has no key to count by.
+fn rate_limit(
+    c: &mut Check<'_>,
+    r: &RawRoute,
+    public: bool,
+    route_name: &str,
+) -> Option<crate::keys::limit::Rate> {
+    let text = r.rate_limit.as_ref()?;
+    if public {
+        c.at(
+            text.referenced,
+            format!("route {route_name:?} is public: rate_limit counts per key, and a public route checks none"),
+        );
+        return None;
+    }
+    crate::keys::limit::Rate::parse(&text.value, None)
+        .map_err(|e| c.at(text.referenced, e))
+        .ok()
 }
 
 /// `preflight: pass | auth`.

@@ -151,6 +151,8 @@ pub struct Route {
     pub upstream_tls: UpstreamTls,
     /// Forward WebSocket upgrades (no other upgrade token is ever forwarded).
     pub websocket: bool,
+    /// Per key on this route, beside the key's own limit; the stricter wins.
+    pub rate_limit: Option<crate::keys::limit::Rate>,
     /// Where this route reads keys from (the config's `key_sources` unless it sets its own).
     pub key_sources: std::sync::Arc<super::sources::KeySources>,
     /// Whether CORS preflights need a key.
@@ -308,6 +310,7 @@ mod tests {
                 &http::HeaderValue::from_static("Api-Key realm=\"keygate\""),
             )),
             preflight: Preflight::Auth,
+            rate_limit: None,
         }
     }
 

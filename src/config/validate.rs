@@ -66,6 +66,7 @@ pub(super) fn validate(
         }
         resolve(c.base, &a.value)
     });
+    let trusted_proxies = trusted_proxies(&mut c, raw.trusted_proxies.as_deref());
 
     if !c.problems.is_empty() {
         return Err(Problems::sorted(c.problems));
@@ -90,8 +91,22 @@ pub(super) fn validate(
         shutdown_delay,
         metrics_per_key: raw.metrics.is_some_and(|m| m.per_key),
         audit_log,
+        trusted_proxies,
         warnings: Problems::sorted(c.warnings).0,
     })
+}
+
+/// `trusted_proxies`: networks whose forwarded headers keygate believes.
+fn trusted_proxies(c: &mut Check<'_>, listed: Option<&[Spanned<String>]>) -> Vec<ipnet::IpNet> {
+    listed
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            crate::keys::limit::parse_cidr(&p.value)
+                .map_err(|e| c.at(p.referenced, format!("trusted_proxies: {e}")))
+                .ok()
+        })
+        .collect()
 }
 
 fn listen(c: &mut Check<'_>, raw: &RawConfig) -> SocketAddr {

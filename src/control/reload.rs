@@ -106,11 +106,7 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
         tls: tls_fingerprint(&config),
     };
     Ok((
-        Snapshot {
-            config: Arc::new(config),
-            keys: Arc::new(store),
-            route_stats,
-        },
+        Snapshot::new(Arc::new(config), Arc::new(store), route_stats, None),
         fp,
     ))
 }
@@ -144,11 +140,8 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -
     };
     settled &= reload_tls(r, fp, &config, said);
     if changed {
-        r.current.store(Arc::new(Snapshot {
-            config,
-            keys,
-            route_stats: parts,
-        }));
+        r.current
+            .store(Arc::new(Snapshot::new(config, keys, parts, Some(&old))));
     }
     settled
 }

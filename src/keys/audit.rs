@@ -86,21 +86,24 @@ impl Entry {
     }
 }
 
-/// A key's limits as the audit log records them: one object, so fields added to
-/// [`KeyRecord`] (rate limits, quotas, client networks) are added here, in one place.
+/// A key's limits as the audit log records them, spelled as in the key file (`rate_limit`,
+/// `burst`, `quota`, `allowed_cidrs`); a limit the key does not set is left out.
 fn limits(rec: &KeyRecord) -> serde_json::Map<String, serde_json::Value> {
-    // Destructured so that a new KeyRecord field fails to compile here until it is placed.
-    let KeyRecord {
-        id: _,
-        hash: _,
-        service_account: _,
-        scopes: _,
-        description: _,
-        created_at: _,
-        expires_at: _,
-        revoked_at: _,
-    } = rec;
-    serde_json::Map::new()
+    use serde_json::Value;
+    let l = &rec.limits;
+    let mut out = serde_json::Map::new();
+    if let Some(rate) = &l.rate {
+        out.insert("rate_limit".into(), Value::String(rate.to_string()));
+        out.insert("burst".into(), Value::from(rate.burst));
+    }
+    if let Some(q) = &l.quota {
+        out.insert("quota".into(), Value::String(q.to_string()));
+    }
+    if !l.allowed_cidrs.is_empty() {
+        let cidrs = l.allowed_cidrs.iter().map(|n| Value::String(n.to_string()));
+        out.insert("allowed_cidrs".into(), Value::Array(cidrs.collect()));
+    }
+    out
 }
 
 impl AuditLog {
@@ -187,6 +190,7 @@ mod tests {
             created_at: None,
             expires_at: None,
             revoked_at: None,
+            limits: crate::keys::limit::Limits::default(),
         };
         let e = Entry::of(Action::Create, &rec, &log.actor, OffsetDateTime::UNIX_EPOCH);
         log.append(&e, &dir.path().join("keys.yaml")).unwrap();

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{Deserialize, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
+use super::limit::{parse_cidr, Limits, Quota, Rate};
 use super::{
     check_scope, format_time, parse_hash, parse_time, valid_id, valid_service_account, Digest32,
     KeyRecord,
@@ -45,6 +46,10 @@ struct RawKey {
     created_at: Option<Spanned<String>>,
     expires_at: Option<Spanned<String>>,
     revoked_at: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<String>>,
+    burst: Option<Spanned<u64>>,
+    quota: Option<Spanned<String>>,
+    allowed_cidrs: Option<Vec<Spanned<String>>>,
     unknown: Vec<Spanned<KeyText>>,
 }
 
@@ -58,6 +63,10 @@ const KEY_FIELDS: &[&str] = &[
     "created_at",
     "expires_at",
     "revoked_at",
+    "rate_limit",
+    "burst",
+    "quota",
+    "allowed_cidrs",
 ];
 
 impl<'de> Deserialize<'de> for RawKeyFile {
@@ -104,6 +113,10 @@ impl<'de> Deserialize<'de> for RawKey {
                         "created_at" => k.created_at = map.next_value()?,
                         "expires_at" => k.expires_at = map.next_value()?,
                         "revoked_at" => k.revoked_at = map.next_value()?,
+                        "rate_limit" => k.rate_limit = map.next_value()?,
+                        "burst" => k.burst = map.next_value()?,
+                        "quota" => k.quota = map.next_value()?,
+                        "allowed_cidrs" => k.allowed_cidrs = map.next_value()?,
                         _ => return Ok(false),
                     }
                     Ok(true)
@@ -233,11 +246,18 @@ fn check_entry<'a>(
                 .ok()
         })
     };
+    let (created_at, expires_at, revoked_at) = (
+        time_field(&k.created_at),
+        time_field(&k.expires_at),
+        time_field(&k.revoked_at),
+    );
+    let limits = limits(path, k, problems);
     Some(KeyRecord {
+        limits,
         id: id.to_string(),
-        created_at: time_field(&k.created_at),
-        expires_at: time_field(&k.expires_at),
-        revoked_at: time_field(&k.revoked_at),
+        created_at,
+        expires_at,
+        revoked_at,
         hash: hash?,
         service_account: k
             .service_account
@@ -246,6 +266,37 @@ fn check_entry<'a>(
         scopes: k.scopes.iter().flatten().map(|s| s.value.clone()).collect(),
         description: k.description.clone(),
     })
+}
+
+/// The entry's `rate_limit`, `burst`, `quota` and `allowed_cidrs`, each problem at its place.
+fn limits(path: &Path, k: &RawKey, problems: &mut Vec<Problem>) -> Limits {
+    let mut bad =
+        |at: serde_saphyr::Location, msg: String| problems.push(Problem::at(path, at, msg));
+    let burst = k.burst.as_ref().map(|b| b.value);
+    if let (Some(b), None) = (&k.burst, &k.rate_limit) {
+        bad(b.referenced, "burst needs a rate_limit beside it".into());
+    }
+    let rate = k.rate_limit.as_ref().and_then(|r| {
+        Rate::parse(&r.value, burst)
+            .map_err(|e| bad(r.referenced, e))
+            .ok()
+    });
+    let quota = k.quota.as_ref().and_then(|q| {
+        Quota::parse(&q.value)
+            .map_err(|e| bad(q.referenced, e))
+            .ok()
+    });
+    let allowed_cidrs = k
+        .allowed_cidrs
+        .iter()
+        .flatten()
+        .filter_map(|c| parse_cidr(&c.value).map_err(|e| bad(c.referenced, e)).ok())
+        .collect();
+    Limits {
+        rate,
+        quota,
+        allowed_cidrs,
+    }
 }
 
 /// Fields the entry should not have, and required ones it lacks (reported at the entry).
@@ -354,6 +405,7 @@ pub(crate) fn render(records: &[KeyRecord]) -> String {
                 serde_json::to_string(d).unwrap_or_default()
             ));
         }
+        render_limits(&mut out, &r.limits);
         for (name, t) in [
             ("created_at", r.created_at),
             ("expires_at", r.expires_at),
@@ -365,6 +417,22 @@ pub(crate) fn render(records: &[KeyRecord]) -> String {
         }
     }
     out
+}
+
+fn render_limits(out: &mut String, l: &Limits) {
+    if let Some(rate) = &l.rate {
+        out.push_str(&format!("    rate_limit: {rate}\n"));
+        if rate.burst != rate.count {
+            out.push_str(&format!("    burst: {}\n", rate.burst));
+        }
+    }
+    if let Some(q) = &l.quota {
+        out.push_str(&format!("    quota: {q}\n"));
+    }
+    if !l.allowed_cidrs.is_empty() {
+        let cidrs: Vec<String> = l.allowed_cidrs.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("    allowed_cidrs: [{}]\n", cidrs.join(", ")));
+    }
 }
 
 /// Reads the key file; a missing file is an empty key list.
@@ -409,7 +477,7 @@ mod tests {
     #[test]
     fn every_listed_field_is_read() {
         // KEY_FIELDS feeds the typo hints; the reader must accept exactly those names.
-        let text = "keys:\n  - id: a\n    hash: sha256:0000000000000000000000000000000000000000000000000000000000000000\n    service_account: sa\n    scopes: [x]\n    description: d\n    created_at: 2026-01-01T00:00:00Z\n    expires_at: 2027-01-01T00:00:00Z\n    revoked_at: 2026-06-01T00:00:00Z\n";
+        let text = "keys:\n  - id: a\n    hash: sha256:0000000000000000000000000000000000000000000000000000000000000000\n    service_account: sa\n    scopes: [x]\n    description: d\n    created_at: 2026-01-01T00:00:00Z\n    expires_at: 2027-01-01T00:00:00Z\n    revoked_at: 2026-06-01T00:00:00Z\n    rate_limit: 5/s\n    burst: 2\n    quota: 10/day\n    allowed_cidrs: [10.0.0.0/8]\n";
         assert_eq!(text.matches("\n    ").count() + 1, KEY_FIELDS.len());
         let keys = parse_key_file(Path::new("k.yaml"), text).unwrap();
         let k = &keys[0];
@@ -436,6 +504,14 @@ mod tests {
             created_at: Some(parse_time("2026-11-29T12:00:00Z").unwrap()),
             expires_at: Some(parse_time("2027-11-29T00:00:00+03:00").unwrap()),
             revoked_at: None,
+            limits: Limits {
+                rate: Some(Rate::parse("6000/min", Some(20)).unwrap()),
+                quota: Some(Quota::parse("10000/month").unwrap()),
+                allowed_cidrs: vec![
+                    parse_cidr("10.0.0.0/8").unwrap(),
+                    parse_cidr("2001:db8::/32").unwrap(),
+                ],
+            },
         };
         let text = render(std::slice::from_ref(&rec));
         let back = parse_key_file(Path::new("k"), &text).unwrap();

@@ -1,5 +1,5 @@
-//! Last-used state: per-key timestamps recorded lock-free on the request path, persisted to
-//! `state_file` every 10 s and at shutdown, atomically.
+//! Key state: per-key last-used times and quota usage, recorded lock-free on the request path,
+//! persisted to `state_file` every 10 s and at shutdown, atomically, so a restart keeps both.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,17 +8,43 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::limit::Quota;
 use super::{format_time, parse_time, KeyStore};
 
 /// How often last-used times are written.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
-/// The state file's content: key id -> last use, RFC 3339.
+/// The state file's content: key id -> last use (RFC 3339) and quota usage.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct State {
     /// Last successful use per key id.
     #[serde(default)]
     pub(crate) last_used: BTreeMap<String, String>,
+    /// Requests counted against each quota-carrying key in its current period.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) usage: BTreeMap<String, QuotaUse>,
+}
+
+/// One key's quota use: the period it counts (by its start) and how many requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct QuotaUse {
+    /// Start of the period, RFC 3339.
+    pub(crate) period_start: String,
+    /// Requests counted in it.
+    pub(crate) used: u64,
+}
+
+/// Requests counted against `quota` for key `id` in the period holding `now`.
+pub(crate) fn quota_used(state: &State, id: &str, quota: &Quota, now: i64) -> u64 {
+    let Some(u) = state.usage.get(id) else {
+        return 0;
+    };
+    let start = parse_time(&u.period_start).map(time::OffsetDateTime::unix_timestamp);
+    if start.is_ok_and(|s| s == quota.period(now).0) {
+        u.used
+    } else {
+        0
+    }
 }
 
 /// Reads the state file; a missing file is empty state, a corrupt one is logged and empty.
@@ -48,13 +74,25 @@ pub(crate) fn last_used_secs(state: &State, id: &str) -> Option<i64> {
         .map(time::OffsetDateTime::unix_timestamp)
 }
 
-/// Seeds a fresh key store's last-used times from saved state.
+/// Seeds a fresh key store's last-used times and quota usage from saved state.
 pub(crate) fn apply(state: &State, keys: &KeyStore) {
+    let now = now_secs();
     for entry in keys.entries() {
         if let Some(t) = last_used_secs(state, &entry.id) {
             entry.last_used.fetch_max(t, Ordering::Relaxed);
         }
+        let quota = entry.limits.as_ref().and_then(|l| l.quota.as_ref());
+        if let (Some(q), Some(usage)) = (quota, &entry.usage) {
+            let used = quota_used(state, &entry.id, q, now);
+            if used > 0 {
+                q.restore(&usage.quota, q.period(now).0, used);
+            }
+        }
     }
+}
+
+fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// The state of every key currently loaded; keys that no longer exist drop out.
@@ -69,7 +107,20 @@ pub(crate) fn capture(keys: &KeyStore) -> State {
             Some((e.id.clone(), format_time(t)))
         })
         .collect();
-    State { last_used }
+    let now = now_secs();
+    let usage = keys
+        .entries()
+        .filter_map(|e| {
+            let q = e.limits.as_ref()?.quota.as_ref()?;
+            let used = q.used(&e.usage.as_ref()?.quota, now);
+            let start = time::OffsetDateTime::from_unix_timestamp(q.period(now).0).ok()?;
+            (used > 0).then(|| {
+                let period_start = format_time(start);
+                (e.id.clone(), QuotaUse { period_start, used })
+            })
+        })
+        .collect();
+    State { last_used, usage }
 }
 
 /// Writes state atomically.

@@ -14,6 +14,7 @@ pub(crate) mod audit;
 pub mod file;
 mod format;
 pub mod last_used;
+pub mod limit;
 mod scope;
 mod store;
 
@@ -42,6 +43,8 @@ pub struct KeyRecord {
     pub expires_at: Option<OffsetDateTime>,
     /// Revocation time; present means revoked.
     pub revoked_at: Option<OffsetDateTime>,
+    /// Rate limit, quota and client networks; empty when the entry sets none.
+    pub limits: limit::Limits,
 }
 
 impl fmt::Debug for KeyRecord {

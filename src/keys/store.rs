@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use time::OffsetDateTime;
 
+use super::limit::{mono_ns, Limits, Usage};
 use super::{Digest32, Grant, KeyRecord};
 
 /// A key as the request path sees it.
@@ -31,6 +32,12 @@ pub struct KeyEntry {
     pub last_used: Arc<AtomicI64>,
     /// Per-key request counter, registered on first use when `metrics.per_key` is on.
     pub uses: std::sync::OnceLock<metrics::Counter>,
+    /// Rate limit, quota and client networks; `None` for a key without any.
+    pub limits: Option<Box<Limits>>,
+    /// Spent rate and quota budget, shared with the previous snapshot's entry for this hash.
+    pub usage: Option<Arc<Usage>>,
+    /// This entry's index in its store, for per-route tables beside it.
+    pub slot: u32,
 }
 
 impl fmt::Debug for KeyEntry {
@@ -85,11 +92,19 @@ impl KeyStore {
     /// Builds a snapshot; last-used times carry over from `previous` for unchanged keys.
     pub fn build(records: &[KeyRecord], previous: Option<&KeyStore>) -> KeyStore {
         let mut by_hash = HashMap::with_capacity_and_hasher(records.len(), Default::default());
-        for r in records {
-            let last_used = previous
-                .and_then(|p| p.by_hash.get(&r.hash))
-                .map(|e| e.last_used.clone())
-                .unwrap_or_default();
+        for (slot, r) in records.iter().enumerate() {
+            let before = previous.and_then(|p| p.by_hash.get(&r.hash));
+            let last_used = before.map(|e| e.last_used.clone()).unwrap_or_default();
+            // A changed limit keeps what was spent under the old one.
+            let metered = r.limits.rate.is_some() || r.limits.quota.is_some();
+            let usage = metered.then(|| {
+                let usage: Arc<Usage> = before.and_then(|e| e.usage.clone()).unwrap_or_default();
+                let old_rate = before.and_then(|e| e.limits.as_ref()?.rate);
+                if let (Some(new), Some(old)) = (&r.limits.rate, old_rate) {
+                    new.rescale(&usage.rate, &old, mono_ns(std::time::Instant::now()));
+                }
+                usage
+            });
             let entry = KeyEntry {
                 id_header: HeaderValue::from_str(&r.id).unwrap_or(HeaderValue::from_static("")),
                 service_account_header: HeaderValue::from_str(&r.service_account)
@@ -101,6 +116,9 @@ impl KeyStore {
                 revoked: r.revoked_at.is_some(),
                 last_used,
                 uses: std::sync::OnceLock::new(),
+                limits: (!r.limits.is_empty()).then(|| Box::new(r.limits.clone())),
+                usage,
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
             };
             by_hash.insert(r.hash, entry);
         }
@@ -120,6 +138,11 @@ impl KeyStore {
     /// True when no keys are loaded.
     pub fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
+    }
+
+    /// Every entry with its digest, in no particular order.
+    pub fn by_digest(&self) -> impl Iterator<Item = (&Digest32, &KeyEntry)> {
+        self.by_hash.iter()
     }
 
     /// Every entry, in no particular order.

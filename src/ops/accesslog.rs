@@ -24,6 +24,21 @@ pub struct AccessLog {
     tx: SyncSender<(Entry, LogFormat)>,
 }
 
+/// How `client` is written: a peer with its port, or the address a trusted proxy named.
+enum ClientText {
+    Peer(SocketAddr),
+    Ip(std::net::IpAddr),
+}
+
+impl std::fmt::Display for ClientText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientText::Peer(a) => a.fmt(f),
+            ClientText::Ip(ip) => ip.fmt(f),
+        }
+    }
+}
+
 /// Everything one access log line says.
 pub struct Entry {
     /// When the request arrived.
@@ -32,6 +47,8 @@ pub struct Entry {
     pub request_id: HeaderValue,
     /// Client address.
     pub client: SocketAddr,
+    /// The client behind a trusted proxy, logged as `client` in the peer's place.
+    pub forwarded_client: Option<std::net::IpAddr>,
     /// Method.
     pub method: Method,
     /// Target as received; only its path is logged (queries can carry secrets).
@@ -149,12 +166,24 @@ impl Entry {
         }
     }
 
+    /// The resolved client when a trusted proxy named it, else the peer with its port.
+    fn client_text(&self) -> ClientText {
+        match self.forwarded_client {
+            Some(ip) => ClientText::Ip(ip),
+            None => ClientText::Peer(self.client),
+        }
+    }
+
     fn json_into(&self, clock: &mut Clock, out: &mut String, ms: f64, request_id: &str) {
         out.push_str("{\"time\":\"");
         clock.write(out, self.time);
         out.push_str("\",\"request_id\":");
         json_str(out, request_id);
-        let _ = write!(out, ",\"client\":\"{}\",\"method\":", self.client);
+        let _ = write!(out, ",\"client\":\"{}\",", self.client_text());
+        if self.forwarded_client.is_some() {
+            let _ = write!(out, "\"peer\":\"{}\",", self.client);
+        }
+        out.push_str("\"method\":");
         json_str(out, self.method.as_str());
         out.push_str(",\"path\":");
         json_str(out, self.path());
@@ -200,7 +229,7 @@ impl Entry {
             out,
             " {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream=",
             request_id,
-            self.client,
+            self.client_text(),
             self.method,
             self.path().escape_debug(),
             self.status,
@@ -310,6 +339,7 @@ mod tests {
             time: std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_450_000_123_456),
             request_id: HeaderValue::from_static("id-\"1\\"),
             client: "127.0.0.1:5000".parse().unwrap(),
+            forwarded_client: None,
             method: Method::GET,
             uri: "/a%22b/c?secret=1".parse().unwrap(),
             route: Some("api\u{1}".into()),

@@ -53,9 +53,15 @@ pub enum AuthOutcome {
     Forbidden,
     /// Refused before auth (bad request, no route).
     NotChecked,
+    /// A valid key over its own or the route's rate limit.
+    RateLimited,
+    /// A valid key whose quota is used up.
+    QuotaExceeded,
+    /// A valid key used from outside its `allowed_cidrs`.
+    ClientNotAllowed,
 }
 
-const OUTCOMES: usize = 8;
+const OUTCOMES: usize = 11;
 
 impl AuthOutcome {
     /// Label value.
@@ -69,6 +75,9 @@ impl AuthOutcome {
             AuthOutcome::Revoked => "revoked",
             AuthOutcome::Forbidden => "forbidden",
             AuthOutcome::NotChecked => "not_checked",
+            AuthOutcome::RateLimited => "rate_limited",
+            AuthOutcome::QuotaExceeded => "quota_exceeded",
+            AuthOutcome::ClientNotAllowed => "client_not_allowed",
         }
     }
 }

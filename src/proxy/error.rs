@@ -6,6 +6,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 
 use crate::proxy::authorize::AuthError;
+use crate::proxy::policy::PolicyError;
 use crate::proxy::upstream::ForwardError;
 use crate::wire::path::PathError;
 
@@ -27,6 +28,9 @@ pub enum GatewayError {
     /// Key problems.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A valid key refused by its networks, rate limits or quota.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// Upstream problems.
     #[error(transparent)]
     Forward(#[from] ForwardError),
@@ -85,6 +89,23 @@ impl GatewayError {
                     GrpcStatus::PermissionDenied,
                 ),
             },
+            GatewayError::Policy(p) => match p {
+                PolicyError::ClientNotAllowed => (
+                    StatusCode::FORBIDDEN,
+                    "client_not_allowed",
+                    GrpcStatus::PermissionDenied,
+                ),
+                PolicyError::RateLimited { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    GrpcStatus::ResourceExhausted,
+                ),
+                PolicyError::QuotaExceeded { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "quota_exceeded",
+                    GrpcStatus::ResourceExhausted,
+                ),
+            },
             GatewayError::Forward(f) => match f {
                 ForwardError::Unavailable(_) => (
                     StatusCode::BAD_GATEWAY,
@@ -119,6 +140,40 @@ impl GatewayError {
     pub fn grpc_code(&self) -> u8 {
         self.classify().2 as u8
     }
+
+    /// The machine-readable code of the JSON body, also the access log's `error`.
+    pub fn code(&self) -> &'static str {
+        self.classify().1
+    }
+}
+
+/// `Retry-After` and the IETF draft's `RateLimit-Policy` and `RateLimit` on a 429.
+fn retry_headers(err: &GatewayError, h: &mut http::HeaderMap) {
+    let GatewayError::Policy(p) = err else { return };
+    let (name, quota, window, wait) = match p {
+        PolicyError::RateLimited { rate, of, wait } => {
+            (of.name(), rate.count, rate.window_secs(), wait)
+        }
+        PolicyError::QuotaExceeded { quota, wait } => {
+            let (start, end) = quota.period(crate::proxy::authorize::now_secs());
+            (
+                "quota",
+                quota.count,
+                u64::try_from(end - start).unwrap_or(0),
+                wait,
+            )
+        }
+        PolicyError::ClientNotAllowed => return,
+    };
+    let secs = wait.retry_after;
+    h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    let policy = format!("\"{name}\";q={quota};w={window}");
+    let state = format!("\"{name}\";r=0;t={secs}");
+    for (header, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(header, v);
+        }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -136,7 +191,9 @@ pub fn response(
     let (status, code, grpc_status) = err.classify();
     let message = err.to_string();
     if grpc {
-        return grpc_response(grpc_status, &message);
+        let mut resp = grpc_response(grpc_status, &message);
+        retry_headers(err, resp.headers_mut());
+        return resp;
     }
     let body = serde_json::to_vec(&ErrorBody {
         error: code,
@@ -151,6 +208,7 @@ pub fn response(
         resp.headers_mut()
             .insert(WWW_AUTHENTICATE, www_authenticate.clone());
     }
+    retry_headers(err, resp.headers_mut());
     resp
 }
 

@@ -27,8 +27,10 @@ pub struct Downstream<'a> {
     pub query: Option<&'a str>,
     /// Host the client addressed (forwarded as `Host` and `X-Forwarded-Host`).
     pub host: Option<HeaderValue>,
-    /// Client address.
+    /// The peer's address, appended to `X-Forwarded-For`.
     pub client: IpAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-*` headers are kept.
+    pub via_trusted_proxy: bool,
     /// Whether the client connection was TLS.
     pub https: bool,
     /// The client's protocol version, which the response keeps whatever the upstream spoke.
@@ -132,7 +134,13 @@ fn upstream_headers(
             key.service_account_header.clone(),
         );
     }
-    headers::set_forwarded(h, down.client, down.https, down.host.as_ref());
+    headers::set_forwarded(
+        h,
+        down.client,
+        down.https,
+        down.host.as_ref(),
+        down.via_trusted_proxy,
+    );
     match (pinned, &down.host) {
         // HTTP/2 upstreams get the client's host as `:authority`, and no Host header.
         (true, Some(host)) => {

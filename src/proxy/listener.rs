@@ -323,6 +323,7 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         time: SystemTime::now(),
         request_id: headers::new_request_id(),
         client: peer,
+        forwarded_client: None,
         method: Method::from_bytes(b"-").unwrap_or_default(),
         uri: Uri::default(),
         route: None,

@@ -1,5 +1,5 @@
 //! The proxy: the listener accepts connections, the pipeline takes each request through its
-//! stages (ingress checks, route, credential, authorize, forward), `error` turns refusals
+//! stages (ingress checks, route, credential, authorize, policy, forward), `error` turns refusals
 //! into responses and `observe` reports every response's end.
 
 pub mod authorize;
@@ -10,5 +10,6 @@ pub(crate) mod forward;
 pub(crate) mod listener;
 pub(crate) mod observe;
 pub(crate) mod pipeline;
+pub(crate) mod policy;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;

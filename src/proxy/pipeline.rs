@@ -24,6 +24,7 @@ use crate::proxy::credential::{self, Credential};
 use crate::proxy::error::{self, GatewayError};
 use crate::proxy::forward::{self, Downstream};
 use crate::proxy::observe::{ConnState, Finish, ObservedBody};
+use crate::proxy::policy::{self, PolicyError};
 use crate::proxy::upstream::{self, ForwardError};
 use crate::wire::{headers, path};
 
@@ -59,6 +60,8 @@ struct Trace {
     upstream: Option<http::uri::Authority>,
     upstream_ms: Option<f64>,
     grpc_status: Option<u16>,
+    /// The client as `trusted_proxies` resolves it, when it was resolved.
+    client: Option<std::net::IpAddr>,
 }
 
 fn outcome_of(err: &GatewayError) -> AuthOutcome {
@@ -69,6 +72,11 @@ fn outcome_of(err: &GatewayError) -> AuthOutcome {
             AuthError::Expired => AuthOutcome::Expired,
             AuthError::Revoked => AuthOutcome::Revoked,
             AuthError::InsufficientScope(_) => AuthOutcome::Forbidden,
+        },
+        GatewayError::Policy(p) => match p {
+            PolicyError::ClientNotAllowed => AuthOutcome::ClientNotAllowed,
+            PolicyError::RateLimited { .. } => AuthOutcome::RateLimited,
+            PolicyError::QuotaExceeded { .. } => AuthOutcome::QuotaExceeded,
         },
         GatewayError::BadRequest(_)
         | GatewayError::Credential(_)
@@ -129,6 +137,10 @@ impl Pending {
             time: self.arrived,
             request_id: self.request_id.clone(),
             client: self.peer,
+            forwarded_client: self
+                .trace
+                .client
+                .filter(|ip| *ip != crate::wire::client::canonical(self.peer.ip())),
             method: std::mem::replace(&mut self.method, Method::GET),
             uri: std::mem::take(&mut self.uri),
             route,
@@ -157,7 +169,8 @@ impl Pending {
         Response<http_body_util::Full<bytes::Bytes>>,
         Option<&'static str>,
     ) {
-        if self.trace.outcome.is_none() {
+        // A policy refusal comes after the key was allowed: it overrides that outcome.
+        if self.trace.outcome.is_none() || matches!(e, GatewayError::Policy(_)) {
             self.trace.outcome = Some(outcome_of(e));
         }
         if self.grpc {
@@ -173,6 +186,7 @@ impl Pending {
                 stats.upstream_timeout.increment(1);
                 Some("timeout")
             }
+            GatewayError::Policy(_) => Some(e.code()),
             _ => None,
         };
         let config = &self.snapshot.config;
@@ -303,6 +317,11 @@ async fn pipeline(
 ) -> Result<Response<Incoming>, GatewayError> {
     let config = &snapshot.config;
     let host = ingress(&req, config.limits.max_header_bytes)?;
+    let client =
+        crate::wire::client::resolve(conn.peer.ip(), req.headers(), &config.trusted_proxies);
+    if client.via_trusted_proxy {
+        trace.client = Some(client.ip);
+    }
     credential::single_authorization(req.headers())?;
     // Uri clones share their bytes; this frees `req` to move into `forward`.
     let uri = req.uri().clone();
@@ -316,6 +335,7 @@ async fn pipeline(
     let preflight =
         route.preflight == Preflight::Pass && headers::is_preflight(req.method(), req.headers());
     let permit = admit(snapshot, route, &found, preflight, trace)?;
+    policy::check(&permit, &snapshot.meters, client.ip)?;
     if let (Some(key), true) = (permit.key, config.metrics_per_key) {
         key.uses
             .get_or_init(|| gateway.metrics.key_counter(&key.id))
@@ -326,6 +346,7 @@ async fn pipeline(
         query: uri.query(),
         host,
         client: conn.peer.ip(),
+        via_trusted_proxy: client.via_trusted_proxy,
         https: conn.https,
         version: req.version(),
         snapshots: &gateway.snapshot,

@@ -145,15 +145,20 @@ pub fn strip_trailers(trailers: &mut HeaderMap, identity: &[&HeaderName]) {
     }
 }
 
-/// Sets `X-Forwarded-For` (client appended), `-Proto` and `-Host`.
+/// Sets `X-Forwarded-For`, `-Proto` and `-Host`. The peer is always appended to
+/// `X-Forwarded-For` (as nginx, HAProxy and Envoy do: the chain is a record, and only
+/// `trusted_proxies` make keygate believe it). `-Proto` and `-Host` are kept only from a
+/// trusted proxy (`keep_incoming`); from anyone else they are replaced, so a client cannot
+/// claim https or another host.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    peer: IpAddr,
     https: bool,
     host: Option<&HeaderValue>,
+    keep_incoming: bool,
 ) {
     let mut ip_buf = [0u8; 64];
-    let ip = format_ip(client, &mut ip_buf);
+    let ip = format_ip(peer, &mut ip_buf);
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(prev) if !prev.is_empty() && headers.get_all(&X_FORWARDED_FOR).iter().count() == 1 => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
@@ -167,10 +172,16 @@ pub fn set_forwarded(
     if let Ok(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if https { "https" } else { "http" }),
-    );
+    let single = |h: &HeaderMap, name: &HeaderName| h.get_all(name).iter().count() == 1;
+    if !(keep_incoming && single(headers, &X_FORWARDED_PROTO)) {
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(if https { "https" } else { "http" }),
+        );
+    }
+    if keep_incoming && single(headers, &X_FORWARDED_HOST) {
+        return;
+    }
     match host {
         Some(h) => {
             headers.insert(&X_FORWARDED_HOST, h.clone());
@@ -335,17 +346,39 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends() {
-        let mut m = map(&[("x-forwarded-for", "10.0.0.1")]);
+    fn forwarded_headers_are_kept_only_from_trusted_proxies() {
+        let incoming = [
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "public.example"),
+        ];
+        let host = HeaderValue::from_static("h");
+        let mut m = map(&incoming);
         set_forwarded(
             &mut m,
             "127.0.0.1".parse().unwrap(),
             false,
-            Some(&HeaderValue::from_static("h")),
+            Some(&host),
+            true,
+        );
+        assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "https");
+        assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "public.example");
+        let mut m = map(&incoming);
+        set_forwarded(
+            &mut m,
+            "127.0.0.1".parse().unwrap(),
+            false,
+            Some(&host),
+            false,
         );
         assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "h");
+        let mut m = HeaderMap::new();
+        set_forwarded(&mut m, "127.0.0.1".parse().unwrap(), true, None, true);
+        assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "https");
+        assert!(!m.contains_key(&X_FORWARDED_HOST));
     }
 
     #[test]

@@ -50,6 +50,19 @@ pub async fn wait_listening(addr: std::net::SocketAddr) {
     );
 }
 
+/// Waits until a plain-HTTP gateway answers: the port is bound before the first load, so a
+/// test that edits files after a mere connect could race that load.
+pub async fn wait_serving(addr: std::net::SocketAddr) {
+    wait_listening(addr).await;
+    assert!(
+        eventually(20, || async {
+            get(addr, "/__keygate_ready", &[]).await.status > 0
+        })
+        .await,
+        "gateway did not start serving on {addr}"
+    );
+}
+
 #[test]
 fn validate_accepts_the_shipped_example() {
     let out = Command::new(bin())

@@ -838,7 +838,7 @@ async fn diagnostics_are_json_lines_without_colour() {
             .unwrap();
         let mut p = crate::cli::Proc(child);
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        crate::cli::wait_listening(addr).await;
+        crate::cli::wait_serving(addr).await;
         // A rejected reload writes an error diagnostic.
         write(&dir.path().join("keys.yaml"), "keys: [oops\n");
         tokio::time::sleep(Duration::from_millis(1500)).await;

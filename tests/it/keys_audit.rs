@@ -73,7 +73,21 @@ fn create(cfg: &Path, extra: &[&str]) -> serde_json::Value {
 fn every_change_appends_one_line_with_its_actor() {
     let (dir, cfg) = setup("audit_log: audit.jsonl\n");
     let log = dir.path().join("audit.jsonl");
-    let made = create(&cfg, &["--actor", "alice", "--expires-in", "30d"]);
+    let made = create(
+        &cfg,
+        &[
+            "--actor",
+            "alice",
+            "--expires-in",
+            "30d",
+            "--rate-limit",
+            "100/s",
+            "--quota",
+            "1000/day",
+            "--allow-cidr",
+            "10.0.0.0/8",
+        ],
+    );
     let id = made["id"].as_str().unwrap().to_string();
     let rotated: serde_json::Value = serde_json::from_str(&ok(&keys(
         &cfg,
@@ -108,7 +122,12 @@ fn every_change_appends_one_line_with_its_actor() {
     assert_eq!(lines[0]["id"], id.as_str());
     assert_eq!(lines[0]["service_account"], "sa-app");
     assert_eq!(lines[0]["scopes"], serde_json::json!(["app.read"]));
-    assert!(lines[0]["limits"].is_object());
+    assert_eq!(
+        lines[0]["limits"],
+        serde_json::json!({"rate_limit": "100/s", "burst": 100, "quota": "1000/day", "allowed_cidrs": ["10.0.0.0/8"]})
+    );
+    // Rotation carries the limits over, and its line says so.
+    assert_eq!(lines[1]["limits"], lines[0]["limits"]);
     assert!(lines[0]["expires_at"].is_string());
     assert_eq!(lines[1]["id"], new_id.as_str());
     assert_eq!(lines[1]["replaces"], id.as_str());

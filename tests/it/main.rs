@@ -14,6 +14,7 @@ mod keys_cli;
 mod observability;
 mod ops;
 mod paths;
+mod policy;
 mod policy_sources;
 mod production;
 mod protocols;

@@ -4,7 +4,9 @@
 use clap::Args;
 use time::OffsetDateTime;
 
-use super::{expiry, failure, new_id, print_issued, usage, Failure, Output, Target, Terms};
+use super::{
+    expiry, failure, new_id, print_issued, usage, Failure, LimitArgs, Output, Target, Terms,
+};
 use crate::keys::audit::{Action, Entry};
 use crate::keys::file as keyfile;
 use crate::keys::{self, KeyRecord};
@@ -32,6 +34,9 @@ pub struct RotateArgs {
     /// With `--output k8s-secret`: the Secret's name.
     #[arg(long)]
     pub secret_name: Option<String>,
+    /// Limits for the new key; those not given are carried over from the old key.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// Issues a key with the old one's account and scopes, then ends the old one (a revoked one
@@ -48,6 +53,7 @@ pub(super) fn run(
         expires_at,
         no_expiry,
         secret_name: _,
+        limits,
     }: &RotateArgs,
     secret_name: Option<&str>,
 ) -> Result<(), Failure> {
@@ -86,6 +92,7 @@ pub(super) fn run(
             scopes: &old.scopes,
             description: old.description.as_deref(),
             expires_at,
+            limits: limits.apply(&old.limits).map_err(|f| f.message)?,
         };
         let fresh = terms.record(String::new(), keys::digest(key.as_bytes()), now);
         // A revoked entry is the record of a leak: it is never rewritten.

@@ -240,6 +240,7 @@ fn futures_util_stream(
 }
 
 /// A key with its file entry.
+#[derive(Clone)]
 pub struct TestKey {
     pub id: String,
     pub secret: String,
@@ -358,6 +359,18 @@ impl Gateway {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Stops the gateway and hands back its folder, for a restart over the same files.
+    pub async fn stop_keeping_files(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
     }
 
     pub async fn stop(mut self) {
