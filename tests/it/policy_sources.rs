@@ -282,3 +282,30 @@ async fn the_access_log_never_holds_the_query() {
     }
     assert_eq!(lines[0]["key_id"], "k1");
 }
+
+#[test]
+fn bad_sources_and_preflight_values_fail_validate_with_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    let cfg = dir.path().join("keygate.yaml");
+    write(
+        &cfg,
+        "keys_file: keys.yaml\nkey_sources:\n  - cookie: session\n  - header: \"not a header\"\nroutes:\n  - name: a\n    path_prefix: /a/\n    upstream: http://127.0.0.1:1\n    scopes: []\n    preflight: maybe\n    key_sources: [{authorization: basic}]\n",
+    );
+    let out = std::process::Command::new(bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let file = cfg.display().to_string();
+    for at in [":3:5:", ":4:13:", ":10:16:", ":11:35:"] {
+        assert!(text.contains(&format!("{file}{at}")), "{at}: {text}");
+    }
+    assert!(
+        text.contains("unknown field `cookie` in key source"),
+        "{text}"
+    );
+}
