@@ -20,7 +20,7 @@ mod complaint;
 mod settle;
 mod watch;
 use complaint::{Complaints, File};
-use settle::{settle, Look, Settled};
+use settle::{settle, Look, Settled, Shed};
 use watch::Watch;
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
@@ -88,15 +88,24 @@ fn read(path: &Path, what: &str) -> Result<(String, [u8; 32]), Problems> {
     Ok((text, hash))
 }
 
+/// Opens the key file for a line-by-line read, with the problems [`Look::take`] would give.
+fn open_key_file(path: &Path) -> Result<std::fs::File, Problems> {
+    let problem = |m: String| Problems(vec![Problem::whole(path, m)]);
+    let file =
+        std::fs::File::open(path).map_err(|e| problem(format!("cannot read key file: {e}")))?;
+    match file.metadata() {
+        Ok(m) if m.is_dir() => Err(problem("cannot read key file: it is a directory".into())),
+        _ => Ok(file),
+    }
+}
+
 /// Loads config and key file for the first time; any problem is fatal here.
 pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerprints), Problems> {
     let (text, config_hash) = read(config_path, "config")?;
     let config = Config::parse(config_path, &text)?;
     config.log_warnings();
-    let (keys_text, keys_hash) =
-        read(&config.keys_file, "key file").map_err(|p| config.locate_key_file_problems(p))?;
-    let store = KeyStore::parse(&config.keys_file, &keys_text, None)?;
-    drop(keys_text);
+    let file = open_key_file(&config.keys_file).map_err(|p| config.locate_key_file_problems(p))?;
+    let (store, keys_hash) = KeyStore::parse_file(&config.keys_file, file, None)?;
     warn_if_exposed(&config.keys_file);
     let route_stats = config_parts(&config, metrics)?;
     let fp = Fingerprints {
@@ -237,7 +246,7 @@ fn reload_keys(
 ) -> Settled<Arc<KeyStore>> {
     let (path, stats) = (config.keys_file.as_path(), &r.stats);
     let same_file = *path == fp.keys_path;
-    let look = match settle(
+    let mut look = match settle(
         || Look::take(path, "key file"),
         |l| same_file && l.hash() == Some(fp.keys),
         settle::QUIET,
@@ -246,18 +255,21 @@ fn reload_keys(
         Settled::Unchanged => return Settled::Unchanged,
         Settled::Changing => return Settled::Changing,
     };
-    let parsed = look
-        .content
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|(bytes, _)| {
-            let text = std::str::from_utf8(bytes)
-                .map_err(|_| Problems(vec![Problem::whole(path, "key file is not UTF-8")]))?;
-            KeyStore::parse(path, text, Some(old))
-        });
-    if !look.unmoved(path) {
+    // The settled bytes only vouch for the file: it is parsed line by line from disk, so
+    // its text is not held beside the old and the new store, and must hash the same.
+    look.shed();
+    let parsed = look.content.as_ref().map_err(Clone::clone).and_then(|_| {
+        let file = open_key_file(path)?;
+        KeyStore::parse_file(path, file, Some(old))
+    });
+    let read_settled = match &parsed {
+        Ok((_, hash)) => look.hash() == Some(*hash),
+        Err(_) => true,
+    };
+    if !read_settled || !look.unmoved(path) {
         return Settled::Changing;
     }
+    let parsed = parsed.map(|(store, _)| store);
     fp.keys = look.hash().unwrap_or_default();
     match parsed {
         Ok(store) => {

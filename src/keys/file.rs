@@ -13,7 +13,7 @@ mod parse;
 mod update;
 
 pub(crate) use atomic::write_atomic;
-pub use parse::{parse_key_file, parse_key_file_each, RecordSink};
+pub use parse::{parse_key_file, parse_key_file_each, parse_key_file_from, RecordSink};
 pub(crate) use update::update_audited;
 
 /// Reads and parses a key file.

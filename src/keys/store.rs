@@ -117,6 +117,25 @@ impl KeyStore {
         Ok(b.finish())
     }
 
+    /// [`KeyStore::parse`] from the open key file, read line by line so its text is never
+    /// held whole; also returns the SHA-256 of what was read.
+    pub fn parse_file(
+        path: &std::path::Path,
+        file: std::fs::File,
+        previous: Option<&KeyStore>,
+    ) -> Result<(KeyStore, [u8; 32]), crate::config::Problems> {
+        // Entries are moved when their Vec regrows (twice the memory for a moment), so the
+        // guess errs high: the previous count, or the file's size at ~200 bytes an entry,
+        // with an eighth to spare for keys added since.
+        let by_size = file.metadata().map_or(0, |m| m.len() / 200);
+        let guess = usize::try_from(by_size)
+            .unwrap_or(0)
+            .max(previous.map_or(0, KeyStore::len));
+        let mut b = StoreBuilder::new(guess + guess / 8 + 16, previous);
+        let hash = super::parse_key_file_from(path, file, &mut b)?;
+        Ok((b.finish(), hash))
+    }
+
     /// Finds a key by the digest of what was presented.
     pub fn lookup(&self, digest: &Digest32) -> Option<&KeyEntry> {
         let entries = &self.entries;
@@ -251,9 +270,10 @@ impl<'p> StoreBuilder<'p> {
         g
     }
 
-    /// The finished store; spare capacity from an overestimate is given back.
+    /// The finished store; spare capacity from a large overestimate is given back.
     pub fn finish(mut self) -> KeyStore {
-        if self.store.entries.capacity() > self.store.entries.len() + self.store.entries.len() / 8 {
+        let (len, capacity) = (self.store.entries.len(), self.store.entries.capacity());
+        if capacity > len + len / 4 + 16 {
             self.store.entries.shrink_to_fit();
         }
         self.store

@@ -11,16 +11,26 @@ use super::RawKey;
 
 /// Reads every entry of `text`, handing each to `entry`, which returns false to stop.
 /// `None` when the text strays from the layout or `entry` stopped.
-pub(super) fn read(text: &str, mut entry: impl FnMut(RawKey) -> bool) -> Option<()> {
-    let mut lines = text.split('\n');
+#[cfg(test)]
+pub(super) fn read(text: &str, entry: impl FnMut(RawKey) -> bool) -> Option<()> {
+    read_lines(text.split('\n'), entry)
+}
+
+/// Reads entries from lines without their `\n`, so a file can be read without holding it whole.
+pub(super) fn read_lines<L: AsRef<str>>(
+    lines: impl IntoIterator<Item = L>,
+    mut entry: impl FnMut(RawKey) -> bool,
+) -> Option<()> {
+    let mut lines = lines.into_iter();
     // The header: comments and blank lines, then `keys:` (or `keys: []` and nothing more).
     loop {
         let line = lines.next()?;
+        let line = line.as_ref();
         if skippable(line) {
             continue;
         }
         if line == "keys: []" {
-            return lines.all(skippable).then_some(());
+            return lines.all(|l| skippable(l.as_ref())).then_some(());
         }
         if line == "keys:" {
             break;
@@ -30,6 +40,7 @@ pub(super) fn read(text: &str, mut entry: impl FnMut(RawKey) -> bool) -> Option<
     let mut current: Option<RawKey> = None;
     let mut any = false;
     for line in lines {
+        let line = line.as_ref();
         if skippable(line) {
             continue;
         }
