@@ -7,7 +7,7 @@
 # Environment (defaults in brackets):
 #   SECS [10] ROUNDS [3]     length of one run, number of interleaved rounds
 #   CONNS [64] THREADS [2]   wrk connections and threads (HTTP/1.1 load)
-#   H2_CONNS [16] H2_STREAMS [10]   h2load connections and concurrent streams (h2c load)
+#   H2_CONNS [16] H2_STREAMS [10] H2_THREADS [1]   h2load connections, streams each, threads
 #   KEYS [1000] KEYS_BIG [100000]   key list size for every proxy; extra keygate-only run
 #                                   (KEYS_BIG=0 skips it)
 #   WORKERS [nproc]          keygate workers, HAProxy threads, nginx workers, Envoy concurrency
@@ -43,6 +43,7 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 H2_CONNS=${H2_CONNS:-16}
 H2_STREAMS=${H2_STREAMS:-10}
+H2_THREADS=${H2_THREADS:-1}
 KEYS=${KEYS:-1000}
 KEYS_BIG=${KEYS_BIG:-100000}
 WORKERS=${WORKERS:-$(nproc)}
@@ -65,7 +66,7 @@ if ((${#missing[@]})); then
     { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
 
-envoy_bin() { find benches/.venv -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -n 1; }
+envoy_bin() { find benches/.venv -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -n 1 || true; }
 ENVOY_BIN=""
 if [ "$ENVOY" = 1 ]; then
   ENVOY_BIN=$(envoy_bin)
@@ -105,7 +106,7 @@ for p in $UP $KG $HA $NG $HA2 $EN $KGB; do
   [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ] || die "port $p is in use; set BASE_PORT"
 done
 
-echo "generating $KEYS keys (and $KEYS_BIG more for keygate alone)" >&2
+echo "generating $KEYS keys$([ "$KEYS_BIG" -gt 0 ] && echo " and $KEYS_BIG more for keygate alone")" >&2
 python3 "$here/genkeys.py" "$KEYS" "$work/k" --peers
 [ "$KEYS_BIG" -gt 0 ] && python3 "$here/genkeys.py" "$KEYS_BIG" "$work/kbig"
 KEY1=$(head -n 1 "$work/k/keys.txt")
@@ -140,7 +141,7 @@ http {
   access_log off;
   keepalive_requests 1000000;
   map_hash_max_size $((KEYS * 4 + 1024));
-  map_hash_bucket_size 128;
+  map_hash_bucket_size 256;
   map \$http_authorization \$key_id {
     default "";
     include $work/k/nginx-keys.map;
@@ -325,7 +326,7 @@ run_wrk() { # name url keys-file scheme
 run_h2() { # name url scheme
   local out log=$work/h2.log
   rm -f "$log"
-  out=$(timeout $((SECS + 30)) h2load -c"$H2_CONNS" -m"$H2_STREAMS" -t1 -D "$SECS" \
+  out=$(timeout $((SECS + 30)) h2load -c"$H2_CONNS" -m"$H2_STREAMS" -t"$H2_THREADS" -D "$SECS" \
     --log-file "$log" -H "Authorization: $3 $KEY1" "$2/api/x")
   grep -q '^status codes: [0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx' <<< "$out" || die "$1: h2load saw non-2xx: $out"
   grep -q ' 0 failed, 0 errored' <<< "$out" || note "$1: h2load: $(grep '^requests:' <<< "$out")"
