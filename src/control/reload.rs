@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, Problem, Problems};
 use crate::control::snapshot::Snapshot;
-use crate::keys::{self, KeyStore};
+use crate::keys::KeyStore;
 use crate::ops::metrics::{Metrics, ReloadStats, RouteStats};
 use crate::wire::tls::CertResolver;
 
@@ -95,9 +95,9 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
     config.log_warnings();
     let (keys_text, keys_hash) =
         read(&config.keys_file, "key file").map_err(|p| config.locate_key_file_problems(p))?;
-    let records = keys::parse_key_file(&config.keys_file, &keys_text)?;
+    let store = KeyStore::parse(&config.keys_file, &keys_text, None)?;
+    drop(keys_text);
     warn_if_exposed(&config.keys_file);
-    let store = KeyStore::build(&records, None);
     let route_stats = config_parts(&config, metrics)?;
     let fp = Fingerprints {
         config: config_hash,
@@ -253,15 +253,15 @@ fn reload_keys(
         .and_then(|(bytes, _)| {
             let text = std::str::from_utf8(bytes)
                 .map_err(|_| Problems(vec![Problem::whole(path, "key file is not UTF-8")]))?;
-            keys::parse_key_file(path, text)
+            KeyStore::parse(path, text, Some(old))
         });
     if !look.unmoved(path) {
         return Settled::Changing;
     }
     fp.keys = look.hash().unwrap_or_default();
     match parsed {
-        Ok(records) => {
-            let keys = Arc::new(KeyStore::build(&records, Some(old)));
+        Ok(store) => {
+            let keys = Arc::new(store);
             said.accepted(File::Keys, path);
             tracing::info!(file = %path.display(), keys = keys.len(), "key file reloaded");
             fp.keys_path = path.to_path_buf();

@@ -104,7 +104,7 @@ pub(crate) fn capture(keys: &KeyStore) -> State {
             let t = time::OffsetDateTime::from_unix_timestamp(t)
                 .ok()
                 .filter(|_| t > 0)?;
-            Some((e.id.clone(), format_time(t)))
+            Some((e.id.to_string(), format_time(t)))
         })
         .collect();
     let now = now_secs();
@@ -116,7 +116,7 @@ pub(crate) fn capture(keys: &KeyStore) -> State {
             let start = time::OffsetDateTime::from_unix_timestamp(q.period(now).0).ok()?;
             (used > 0).then(|| {
                 let period_start = format_time(start);
-                (e.id.clone(), QuotaUse { period_start, used })
+                (e.id.to_string(), QuotaUse { period_start, used })
             })
         })
         .collect();

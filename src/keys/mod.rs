@@ -18,11 +18,11 @@ pub mod limit;
 mod scope;
 mod store;
 
-pub use file::{load_key_file, parse_key_file};
+pub use file::{load_key_file, parse_key_file, parse_key_file_each, RecordSink};
 pub use format::{checksum, digest, generate, hash_line, well_formed, Digest32, KEY_LEN};
 pub(crate) use format::{parse_hash, KEY_PREFIX};
 pub(crate) use scope::{check_scope, Grant};
-pub use store::{KeyEntry, KeyStore};
+pub use store::{KeyEntry, KeyStore, StoreBuilder};
 
 /// One key as the key file describes it.
 #[derive(Clone, PartialEq, Eq)]

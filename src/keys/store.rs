@@ -1,12 +1,13 @@
 //! The [`KeyStore`] snapshot the request path reads: SHA-256 of the presented key -> entry,
-//! one hash-map probe per request, with last-used times carried across reloads.
+//! one hash-table probe per request, with last-used times carried across reloads, and the
+//! [`StoreBuilder`] that fills one a record at a time.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use http::HeaderValue;
 use time::OffsetDateTime;
 
@@ -14,16 +15,21 @@ use super::limit::{mono_ns, Limits, Usage};
 use super::{Digest32, Grant, KeyRecord};
 
 /// A key as the request path sees it.
+///
+/// Kept small because there may be 100,000 of them: the account and its header value are
+/// shared by every key of that account, and so is the grant list of each distinct scope set.
 pub struct KeyEntry {
+    /// SHA-256 of the secret: the store's lookup key.
+    pub hash: Digest32,
     /// Public identifier.
-    pub id: String,
-    /// Service account.
-    pub service_account: String,
+    pub id: Box<str>,
+    /// Service account, shared by the account's keys.
+    pub service_account: Arc<str>,
     /// Prebuilt identity header values.
     pub id_header: HeaderValue,
-    /// Prebuilt identity header values.
+    /// Prebuilt identity header values; clones share one buffer.
     pub service_account_header: HeaderValue,
-    grants: Vec<Grant>,
+    grants: Arc<[Grant]>,
     /// Unix seconds; checked against the clock on every request.
     pub expires_at: Option<i64>,
     /// Present in the key file as revoked.
@@ -63,90 +69,193 @@ impl KeyEntry {
     }
 }
 
-/// Hashes a SHA-256 digest by taking its first bytes: already uniform, so no rehash is needed.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        if let Some(head) = bytes.first_chunk::<8>() {
-            self.0 ^= u64::from_le_bytes(*head);
-        } else {
-            for &b in bytes {
-                self.0 = self.0.rotate_left(8) ^ u64::from(b);
-            }
-        }
-    }
+/// A SHA-256 digest is already uniform: its first bytes are the hash.
+fn hash_of(digest: &Digest32) -> u64 {
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(head)
 }
 
 /// Immutable key snapshot: digest -> entry.
-#[derive(Debug, Default)]
+///
+/// Entries sit in one `Vec` (their `slot` is their index) and the hash table holds only
+/// indexes into it, 4 bytes per bucket, so the table's slack costs little.
+#[derive(Default)]
 pub struct KeyStore {
-    by_hash: HashMap<Digest32, KeyEntry, BuildHasherDefault<DigestHasher>>,
+    entries: Vec<KeyEntry>,
+    by_hash: HashTable<u32>,
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyStore({} keys)", self.entries.len())
+    }
 }
 
 impl KeyStore {
     /// Builds a snapshot; last-used times carry over from `previous` for unchanged keys.
     pub fn build(records: &[KeyRecord], previous: Option<&KeyStore>) -> KeyStore {
-        let mut by_hash = HashMap::with_capacity_and_hasher(records.len(), Default::default());
-        for (slot, r) in records.iter().enumerate() {
-            let before = previous.and_then(|p| p.by_hash.get(&r.hash));
-            let last_used = before.map(|e| e.last_used.clone()).unwrap_or_default();
-            // A changed limit keeps what was spent under the old one.
-            let metered = r.limits.rate.is_some() || r.limits.quota.is_some();
-            let usage = metered.then(|| {
-                let usage: Arc<Usage> = before.and_then(|e| e.usage.clone()).unwrap_or_default();
-                let old_rate = before.and_then(|e| e.limits.as_ref()?.rate);
-                if let (Some(new), Some(old)) = (&r.limits.rate, old_rate) {
-                    new.rescale(&usage.rate, &old, mono_ns(std::time::Instant::now()));
-                }
-                usage
-            });
-            let entry = KeyEntry {
-                id_header: HeaderValue::from_str(&r.id).unwrap_or(HeaderValue::from_static("")),
-                service_account_header: HeaderValue::from_str(&r.service_account)
-                    .unwrap_or(HeaderValue::from_static("")),
-                id: r.id.clone(),
-                service_account: r.service_account.clone(),
-                grants: r.scopes.iter().map(|s| Grant::parse(s)).collect(),
-                expires_at: r.expires_at.map(OffsetDateTime::unix_timestamp),
-                revoked: r.revoked_at.is_some(),
-                last_used,
-                uses: std::sync::OnceLock::new(),
-                limits: (!r.limits.is_empty()).then(|| Box::new(r.limits.clone())),
-                usage,
-                slot: u32::try_from(slot).unwrap_or(u32::MAX),
-            };
-            by_hash.insert(r.hash, entry);
+        let mut b = StoreBuilder::new(records.len(), previous);
+        for r in records {
+            b.push(r);
         }
-        KeyStore { by_hash }
+        b.finish()
+    }
+
+    /// Parses and checks key file text straight into a store, one entry at a time, so the
+    /// file's records never sit in a list beside the store; state carries over from
+    /// `previous`.
+    pub fn parse(
+        path: &std::path::Path,
+        text: &str,
+        previous: Option<&KeyStore>,
+    ) -> Result<KeyStore, crate::config::Problems> {
+        // A guess at the key count (every entry has one `hash:`) saves regrowing the entries.
+        let guess = text.matches("hash:").count();
+        let mut b = StoreBuilder::new(guess, previous);
+        super::parse_key_file_each(path, text, &mut b)?;
+        Ok(b.finish())
     }
 
     /// Finds a key by the digest of what was presented.
     pub fn lookup(&self, digest: &Digest32) -> Option<&KeyEntry> {
-        self.by_hash.get(digest)
+        let entries = &self.entries;
+        self.by_hash
+            .find(hash_of(digest), |&i| entries[i as usize].hash == *digest)
+            .map(|&i| &entries[i as usize])
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.entries.len()
     }
 
     /// True when no keys are loaded.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.entries.is_empty()
     }
 
     /// Every entry with its digest, in no particular order.
     pub fn by_digest(&self) -> impl Iterator<Item = (&Digest32, &KeyEntry)> {
-        self.by_hash.iter()
+        self.entries.iter().map(|e| (&e.hash, e))
     }
 
     /// Every entry, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = &KeyEntry> {
-        self.by_hash.values()
+        self.entries.iter()
+    }
+}
+
+impl super::RecordSink for StoreBuilder<'_> {
+    fn record(&mut self, record: KeyRecord) {
+        self.push(&record);
+    }
+    fn restart(&mut self) {
+        self.store.entries.clear();
+        self.store.by_hash.clear();
+    }
+}
+
+/// Builds a [`KeyStore`] one record at a time, so a key file can be checked and stored in one
+/// pass without a list of every record beside the store.
+pub struct StoreBuilder<'p> {
+    store: KeyStore,
+    previous: Option<&'p KeyStore>,
+    accounts: HashMap<Arc<str>, HeaderValue>,
+    scope_sets: HashMap<Vec<String>, Arc<[Grant]>>,
+}
+
+impl<'p> StoreBuilder<'p> {
+    /// A builder expecting about `capacity` keys; state carries over from `previous`.
+    pub fn new(capacity: usize, previous: Option<&'p KeyStore>) -> StoreBuilder<'p> {
+        StoreBuilder {
+            store: KeyStore {
+                entries: Vec::with_capacity(capacity),
+                by_hash: HashTable::with_capacity(capacity),
+            },
+            previous,
+            accounts: HashMap::new(),
+            scope_sets: HashMap::new(),
+        }
+    }
+
+    /// Adds a key; a second record with the same hash replaces the first.
+    pub fn push(&mut self, r: &KeyRecord) {
+        let before = self.previous.and_then(|p| p.lookup(&r.hash));
+        let last_used = before.map(|e| e.last_used.clone()).unwrap_or_default();
+        // A changed limit keeps what was spent under the old one.
+        let metered = r.limits.rate.is_some() || r.limits.quota.is_some();
+        let usage = metered.then(|| {
+            let usage: Arc<Usage> = before.and_then(|e| e.usage.clone()).unwrap_or_default();
+            let old_rate = before.and_then(|e| e.limits.as_ref()?.rate);
+            if let (Some(new), Some(old)) = (&r.limits.rate, old_rate) {
+                new.rescale(&usage.rate, &old, mono_ns(std::time::Instant::now()));
+            }
+            usage
+        });
+        let (service_account, service_account_header) = self.account(&r.service_account);
+        let grants = self.grants(&r.scopes);
+        let entries = &mut self.store.entries;
+        let hash = hash_of(&r.hash);
+        let existing = self
+            .store
+            .by_hash
+            .find(hash, |&i| entries[i as usize].hash == r.hash)
+            .copied();
+        let slot = existing.unwrap_or(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+        let entry = KeyEntry {
+            hash: r.hash,
+            id_header: HeaderValue::from_str(&r.id).unwrap_or(HeaderValue::from_static("")),
+            id: r.id.as_str().into(),
+            service_account,
+            service_account_header,
+            grants,
+            expires_at: r.expires_at.map(OffsetDateTime::unix_timestamp),
+            revoked: r.revoked_at.is_some(),
+            last_used,
+            uses: std::sync::OnceLock::new(),
+            limits: (!r.limits.is_empty()).then(|| Box::new(r.limits.clone())),
+            usage,
+            slot,
+        };
+        match existing {
+            Some(i) => entries[i as usize] = entry,
+            None => {
+                entries.push(entry);
+                self.store
+                    .by_hash
+                    .insert_unique(hash, slot, |&i| hash_of(&entries[i as usize].hash));
+            }
+        }
+    }
+
+    /// The shared name and header value of a service account.
+    fn account(&mut self, name: &str) -> (Arc<str>, HeaderValue) {
+        if let Some((k, v)) = self.accounts.get_key_value(name) {
+            return (k.clone(), v.clone());
+        }
+        let header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(name.as_bytes()))
+            .unwrap_or(HeaderValue::from_static(""));
+        let name: Arc<str> = name.into();
+        self.accounts.insert(name.clone(), header.clone());
+        (name, header)
+    }
+
+    /// The shared grants of a scope list.
+    fn grants(&mut self, scopes: &[String]) -> Arc<[Grant]> {
+        if let Some(g) = self.scope_sets.get(scopes) {
+            return g.clone();
+        }
+        let g: Arc<[Grant]> = scopes.iter().map(|s| Grant::parse(s)).collect();
+        self.scope_sets.insert(scopes.to_vec(), g.clone());
+        g
+    }
+
+    /// The finished store; spare capacity from an overestimate is given back.
+    pub fn finish(mut self) -> KeyStore {
+        if self.store.entries.capacity() > self.store.entries.len() + self.store.entries.len() / 8 {
+            self.store.entries.shrink_to_fit();
+        }
+        self.store
     }
 }

@@ -3,7 +3,9 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
 
@@ -19,9 +21,13 @@ const QUEUE: usize = 16 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Sends finished lines to the writer thread.
+///
+/// The queue is a linked list of small blocks allocated as entries arrive, bounded by a
+/// count: a preallocated ring of [`QUEUE`] entries would keep megabytes resident at idle.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<(Entry, LogFormat)>,
+    tx: Sender<(Entry, LogFormat)>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// How `client` is written: a peer with its port, or the address a trusted proxy named.
@@ -280,25 +286,30 @@ impl Entry {
 impl AccessLog {
     /// Starts the writer thread; it exits when every sender is gone.
     pub fn start() -> (AccessLog, std::thread::JoinHandle<()>) {
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let count = queued.clone();
         let writer = std::thread::Builder::new()
             .name("keygate-access-log".into())
-            .spawn(move || write_lines(rx))
+            .spawn(move || write_lines(rx, &count))
             .unwrap_or_else(|_| std::thread::spawn(|| {}));
-        (AccessLog { tx }, writer)
+        (AccessLog { tx, queued }, writer)
     }
 
     /// Queues an entry; formatting happens on the writer thread. False when the queue is
     /// full and the entry was dropped.
     pub fn send(&self, entry: Entry, format: LogFormat) -> bool {
-        !matches!(
-            self.tx.try_send((entry, format)),
-            Err(TrySendError::Full(_))
-        )
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        // A writer that is gone (shutdown) drops the entry, as a full queue would not.
+        let _ = self.tx.send((entry, format));
+        true
     }
 }
 
-fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
+fn write_lines(rx: Receiver<(Entry, LogFormat)>, queued: &AtomicUsize) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut clock = Clock::default();
@@ -310,6 +321,7 @@ fn write_lines(rx: Receiver<(Entry, LogFormat)>) {
         loop {
             match rx.try_recv() {
                 Ok((entry, format)) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
                     line.clear();
                     entry.format_into(format, &mut clock, &mut line);
                     line.push('\n');

@@ -93,6 +93,28 @@ impl Look {
     }
 }
 
+/// A look that can let go of its bytes once only its stamp and hash are needed: a large key
+/// file is then held once during the quiet period, not twice.
+pub trait Shed {
+    /// Drops the content bytes, keeping what equality compares.
+    fn shed(&mut self);
+}
+
+impl Shed for Look {
+    fn shed(&mut self) {
+        if let Ok((bytes, _)) = &mut self.content {
+            *bytes = Vec::new();
+        }
+    }
+}
+
+impl Shed for (Look, Look) {
+    fn shed(&mut self) {
+        self.0.shed();
+        self.1.shed();
+    }
+}
+
 /// Outcome of one attempt to read something that must have stopped changing.
 #[derive(Debug)]
 pub enum Settled<T> {
@@ -106,15 +128,16 @@ pub enum Settled<T> {
 
 /// Looks, returns at once if `applied` says the look is what already serves, else waits
 /// `quiet` and looks again. One quiet period per call, so a caller can stop between calls.
-pub fn settle<T: PartialEq>(
+pub fn settle<T: PartialEq + Shed>(
     look: impl Fn() -> T,
     applied: impl Fn(&T) -> bool,
     quiet: Duration,
 ) -> Settled<T> {
-    let first = look();
+    let mut first = look();
     if applied(&first) {
         return Settled::Unchanged;
     }
+    first.shed();
     std::thread::sleep(quiet);
     let second = look();
     if second == first {
