@@ -12,7 +12,7 @@
 #                                   (KEYS_BIG=0 skips it)
 #   WORKERS [nproc]          keygate workers, HAProxy threads, nginx workers, Envoy concurrency
 #   ENVOY [1]                0 skips Envoy (also skipped, with a note, if it cannot be installed)
-#   BASE_PORT [18180]        ports BASE_PORT+1..+8 on 127.0.0.1 (pick another if they are taken)
+#   BASE_PORT [18180]        ports BASE_PORT+1..+7 on 127.0.0.1 (pick another if they are taken)
 #   KEYGATE_BIN              use this binary instead of `cargo build --release`
 #
 # What each proxy does per request (the same work, as far as each allows):
@@ -22,7 +22,7 @@
 #            (hash -> key id); 401 when absent; drops Authorization, sets X-Api-Key-Id.
 #   nginx    `map` on the whole Authorization value (nginx has no SHA-256 without modules);
 #            401 when absent; drops Authorization, sets X-Api-Key-Id.
-#   Envoy    the api_key_auth HTTP filter (a hash map of keys; work-in-progress API in Envoy
+#   Envoy    the api_key_auth HTTP filter (its credential list; a work-in-progress API in Envoy
 #            1.40) on `Authorization: Bearer <key>` (the filter reads only a bare or Bearer
 #            value); forwarding.header x-api-key-id, hide_credentials.
 # All forward over keep-alive to one nginx upstream (its own process, so every proxy's CPU is
