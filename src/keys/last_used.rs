@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::limit::Quota;
-use super::{format_time, parse_time, KeyStore};
+use super::{format_time, now_secs, parse_time, KeyStore};
 
 /// How often last-used times are written.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(10);
@@ -89,10 +89,6 @@ pub(crate) fn apply(state: &State, keys: &KeyStore) {
             }
         }
     }
-}
-
-fn now_secs() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// The state of every key currently loaded; keys that no longer exist drop out.

@@ -72,6 +72,14 @@ pub(crate) fn valid_service_account(sa: &str) -> bool {
     !sa.is_empty() && sa.len() <= 256 && sa.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Unix seconds now, the clock expiry and quota periods are judged by.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Parses an RFC 3339 timestamp.
 pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(text.trim(), &Rfc3339).map_err(|_| {

@@ -6,13 +6,7 @@ use crate::config::{KeySource, Scheme};
 use crate::keys::{self, KeyEntry, KeyStore};
 use crate::proxy::credential::{Carrier, Credential, Found};
 
-/// Unix seconds now, the clock expiry is judged by.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::keys::now_secs;
 
 /// Why a request was not let through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

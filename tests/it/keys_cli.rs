@@ -18,7 +18,7 @@ fn keys(config: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "exit {:?}: {}",
@@ -329,7 +329,7 @@ fn bad_inputs_give_one_line_and_nonzero_exit() {
     let _ = Duration::from_secs(0);
 }
 
-fn keys_at(keys_file: &Path, args: &[&str]) -> Output {
+pub(crate) fn keys_at(keys_file: &Path, args: &[&str]) -> Output {
     Command::new(bin())
         .arg("keys")
         .args(args)

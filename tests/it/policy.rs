@@ -216,19 +216,7 @@ async fn bad_limits_are_reported_with_their_place() {
 }
 
 fn keys_cmd(keys_file: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin())
-        .arg("keys")
-        .args(args)
-        .arg("--keys-file")
-        .arg(keys_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keys {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    crate::keys_cli::ok(&crate::keys_cli::keys_at(keys_file, args))
 }
 
 #[test]
