@@ -14,6 +14,9 @@ use std::fmt::Write as _;
 
 use crate::config::LogFormat;
 use crate::ops::metrics::AuthOutcome;
+use spell::{push_fixed3, push_ip, push_json_str, push_padded, push_socket_addr, push_u64};
+
+mod spell;
 
 /// Entries buffered before new ones are dropped (and counted).
 const QUEUE: usize = 16 * 1024;
@@ -95,34 +98,16 @@ fn text_of(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
 }
 
-/// Writes `s` as a JSON string literal.
-fn json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-fn json_num(out: &mut String, n: Option<impl std::fmt::Display>) {
+fn json_num(out: &mut String, n: Option<u16>) {
     match n {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => push_u64(out, u64::from(n)),
         None => out.push_str("null"),
     }
 }
 
 fn json_opt(out: &mut String, s: Option<&str>) {
     match s {
-        Some(s) => json_str(out, s),
+        Some(s) => push_json_str(out, s),
         None => out.push_str("null"),
     }
 }
@@ -152,7 +137,9 @@ impl Clock {
                 .unwrap_or_default();
         }
         out.push_str(&self.prefix);
-        let _ = write!(out, ".{:06}Z", d.subsec_micros());
+        out.push('.');
+        push_padded(out, u64::from(d.subsec_micros()), 6);
+        out.push('Z');
     }
 }
 
@@ -184,19 +171,26 @@ impl Entry {
         out.push_str("{\"time\":\"");
         clock.write(out, self.time);
         out.push_str("\",\"request_id\":");
-        json_str(out, request_id);
-        let _ = write!(out, ",\"client\":\"{}\",", self.client_text());
+        push_json_str(out, request_id);
+        out.push_str(",\"client\":\"");
+        match self.forwarded_client {
+            Some(ip) => push_ip(out, ip),
+            None => push_socket_addr(out, self.client),
+        }
+        out.push_str("\",");
         if self.forwarded_client.is_some() {
-            let _ = write!(out, "\"peer\":\"{}\",", self.client);
+            out.push_str("\"peer\":\"");
+            push_socket_addr(out, self.client);
+            out.push_str("\",");
         }
         out.push_str("\"method\":");
-        json_str(out, self.method.as_str());
+        push_json_str(out, self.method.as_str());
         out.push_str(",\"path\":");
-        json_str(out, self.path());
+        push_json_str(out, self.path());
         // Method "-" marks a head hyper refused: there is no raw path to show.
         if self.normalized.is_some() && self.method.as_str() != "-" {
             out.push_str(",\"raw_path\":");
-            json_str(out, self.uri.path());
+            push_json_str(out, self.uri.path());
         }
         out.push_str(",\"host\":");
         json_opt(out, text_of(&self.host));
@@ -204,24 +198,27 @@ impl Entry {
         json_opt(out, text_of(&self.user_agent));
         out.push_str(",\"route\":");
         json_opt(out, self.route.as_deref());
-        let _ = write!(
-            out,
-            ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"key_id\":",
-            self.status, ms, self.bytes
-        );
+        out.push_str(",\"status\":");
+        push_u64(out, u64::from(self.status));
+        out.push_str(",\"duration_ms\":");
+        push_fixed3(out, ms);
+        out.push_str(",\"bytes\":");
+        push_u64(out, self.bytes);
+        out.push_str(",\"key_id\":");
         json_opt(out, text_of(&self.key_id));
         out.push_str(",\"service_account\":");
         json_opt(out, text_of(&self.service_account));
-        let _ = write!(
-            out,
-            ",\"auth\":\"{}\",\"upstream_status\":",
-            self.auth.as_str()
-        );
+        out.push_str(",\"auth\":\"");
+        out.push_str(self.auth.as_str());
+        out.push_str("\",\"upstream_status\":");
         json_num(out, self.upstream_status);
         out.push_str(",\"upstream\":");
         json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
         out.push_str(",\"upstream_ms\":");
-        json_num(out, self.upstream_ms.map(|ms| format!("{ms:.3}")));
+        match self.upstream_ms {
+            Some(ms) => push_fixed3(out, ms),
+            None => out.push_str("null"),
+        }
         out.push_str(",\"error\":");
         json_opt(out, self.error);
         out.push_str(",\"grpc_status\":");

@@ -64,23 +64,48 @@ pub fn is_reserved(name: &HeaderName) -> bool {
 ///
 /// `TE: trailers` survives on requests because gRPC servers refuse calls without it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            // Connection may not be used to strip what the gateway itself sets.
-            if !is_reserved(&name) || HOP_BY_HOP.contains(&&name) {
-                headers.remove(&name);
-            }
+    // One pass over the names finds what is there: most messages carry no hop-by-hop field
+    // or only `Connection`, and every blind remove would hash a name.
+    let mut present = 0u8;
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        } else if name == header::TE {
+            te = true;
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // The names `Connection` lists, matched against the fields present (names are
+        // lowercase, tokens any case); what the gateway itself sets is not removable.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for token in headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+        {
+            for name in headers.keys() {
+                if name.as_str().as_bytes().eq_ignore_ascii_case(token)
+                    && (!is_reserved(name) || HOP_BY_HOP.contains(&name))
+                    && !listed.contains(name)
+                {
+                    listed.push(name.clone());
+                }
+            }
+        }
+        for name in listed {
+            headers.remove(&name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+    if !te {
+        return;
     }
     if let Some(te) = headers.get(header::TE) {
         let wants_trailers = is_request
@@ -194,6 +219,27 @@ pub fn set_forwarded(
 
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     use std::io::Write;
+    if let IpAddr::V4(v4) = ip {
+        // Per request: core::fmt costs several times this.
+        let mut n = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[n] = b'.';
+                n += 1;
+            }
+            if octet >= 100 {
+                buf[n] = b'0' + octet / 100;
+                n += 1;
+            }
+            if octet >= 10 {
+                buf[n] = b'0' + octet / 10 % 10;
+                n += 1;
+            }
+            buf[n] = b'0' + octet % 10;
+            n += 1;
+        }
+        return &buf[..n];
+    }
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     let _ = write!(cursor, "{ip}");
     let n = usize::try_from(cursor.position()).unwrap_or(0);
@@ -259,6 +305,33 @@ mod tests {
             );
         }
         m
+    }
+
+    #[test]
+    fn ip_spelling_matches_display() {
+        for ip in ["0.0.0.0", "9.99.100.255", "127.0.0.1", "::1", "fe80::1:2"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut buf = [0u8; 64];
+            assert_eq!(format_ip(ip, &mut buf), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn connection_tokens_match_any_case_and_spare_gateway_headers() {
+        let mut m = map(&[
+            ("connection", "X-Secret , ,HOST,x-forwarded-for"),
+            ("x-secret", "1"),
+            ("host", "h"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("te", "trailers, deflate"),
+        ]);
+        strip_hop_by_hop(&mut m, true);
+        assert!(!m.contains_key("x-secret") && !m.contains_key("connection"));
+        assert!(m.contains_key("host") && m.contains_key("x-forwarded-for"));
+        assert_eq!(m["te"], "trailers");
+        let mut resp = map(&[("te", "trailers"), ("server", "s")]);
+        strip_hop_by_hop(&mut resp, false);
+        assert!(!resp.contains_key("te") && resp.contains_key("server"));
     }
 
     #[test]
