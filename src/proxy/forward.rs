@@ -25,6 +25,8 @@ pub struct Downstream<'a> {
     pub path: &'a str,
     /// Query string, untouched.
     pub query: Option<&'a str>,
+    /// The request target as received, reused when the upstream gets it unchanged.
+    pub target: Option<&'a http::uri::PathAndQuery>,
     /// Host the client addressed (forwarded as `Host` and `X-Forwarded-Host`).
     pub host: Option<HeaderValue>,
     /// The peer's address, appended to `X-Forwarded-For`.
@@ -77,7 +79,7 @@ pub async fn forward(
         Some(carrier) => carrier.strip_query(down.query),
         None => down.query.map(std::borrow::Cow::Borrowed),
     };
-    parts.uri = upstream_uri(permit, uri_host.as_ref(), down.path, query.as_deref())?;
+    parts.uri = upstream_uri(permit, uri_host.as_ref(), &down, query.as_deref())?;
     parts.version = match route.upstream.scheme {
         UpstreamScheme::H2c => Version::HTTP_2,
         UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,
@@ -210,31 +212,43 @@ fn switch(
 fn upstream_uri(
     permit: Permit<'_>,
     host: Option<&http::uri::Authority>,
-    path: &str,
+    down: &Downstream<'_>,
     query: Option<&str>,
 ) -> Result<Uri, ForwardError> {
     let route = permit.route;
     let up = &route.upstream;
-    let path = route.upstream_path(path);
-    let scheme = match up.scheme {
-        UpstreamScheme::Https => "https://",
-        UpstreamScheme::Http | UpstreamScheme::H2c => "http://",
+    let path = route.upstream_path(down.path);
+    // Most requests go upstream as they came: their parsed target shares the request's bytes,
+    // so reusing it saves building and re-parsing a string per request.
+    let target = match down.target {
+        Some(t)
+            if up.base_path.is_empty()
+                && t.as_str().starts_with('/')
+                && t.path() == path
+                && t.query() == query =>
+        {
+            t.clone()
+        }
+        _ => {
+            let mut s = String::with_capacity(
+                up.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+            );
+            s.push_str(&up.base_path);
+            s.push_str(path);
+            if let Some(q) = query {
+                s.push('?');
+                s.push_str(q);
+            }
+            http::uri::PathAndQuery::try_from(s)
+                .map_err(|_| ForwardError::Unavailable(Failure::Connect))?
+        }
     };
-    let authority = host.unwrap_or(&up.authority).as_str();
-    let mut s = String::with_capacity(
-        scheme.len()
-            + authority.len()
-            + up.base_path.len()
-            + path.len()
-            + query.map_or(0, |q| q.len() + 1),
-    );
-    s.push_str(scheme);
-    s.push_str(authority);
-    s.push_str(&up.base_path);
-    s.push_str(path);
-    if let Some(q) = query {
-        s.push('?');
-        s.push_str(q);
-    }
-    Uri::try_from(s).map_err(|_| ForwardError::Unavailable(Failure::Connect))
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(match up.scheme {
+        UpstreamScheme::Https => http::uri::Scheme::HTTPS,
+        UpstreamScheme::Http | UpstreamScheme::H2c => http::uri::Scheme::HTTP,
+    });
+    parts.authority = Some(host.unwrap_or(&up.authority).clone());
+    parts.path_and_query = Some(target);
+    Uri::from_parts(parts).map_err(|_| ForwardError::Unavailable(Failure::Connect))
 }

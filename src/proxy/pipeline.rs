@@ -344,6 +344,7 @@ async fn pipeline(
     let down = Downstream {
         path: &normalized,
         query: uri.query(),
+        target: uri.path_and_query(),
         host,
         client: conn.peer.ip(),
         via_trusted_proxy: client.via_trusted_proxy,

@@ -25,9 +25,8 @@ pub(super) fn push_padded(out: &mut String, mut n: u64, width: usize) {
         }
     }
     let start = i.min(buf.len().saturating_sub(width));
-    for &b in &buf[start..] {
-        out.push(char::from(b));
-    }
+    // Only ASCII digits were written, so this never falls back.
+    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or_default());
 }
 
 /// Appends `v` with three decimals, exactly as `{v:.3}` does.
