@@ -77,7 +77,7 @@ measure() { # name command...
     return 1
   fi
   # The dump taken after zeroing is the file with part number 1.
-  ir=$(cat "$work"/cg.*.1 | awk '/^(summary|totals):/{print $2; exit}')
+  ir=$(awk '/^(summary|totals):/{print $2; exit}' "$work"/cg.*.1)
   printf '%-40s requests %7d   instructions/request %8.0f\n' "$name" "$n" "$(python3 -c "print($ir / $n)")"
 }
 

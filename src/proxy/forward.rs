@@ -13,9 +13,10 @@ use hyper::body::Incoming;
 use crate::config::routes::UpstreamScheme;
 use crate::config::IdentityHeaders;
 use crate::proxy::authorize::Permit;
+use crate::proxy::pool::UpstreamBody;
 use crate::proxy::tunnel;
 use crate::proxy::upstream::{
-    BodyFault, Failure, ForwardError, Forwarder, RequestBody, DEFAULT_TIMEOUT,
+    BodyFault, Failure, ForwardError, Forwarder, RequestBody, SendError, DEFAULT_TIMEOUT,
 };
 use crate::wire::headers;
 
@@ -48,7 +49,7 @@ pub async fn forward(
     req: Request<Incoming>,
     down: Downstream<'_>,
     identity: &IdentityHeaders,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<UpstreamBody>, ForwardError> {
     let route = permit.route;
     let (mut parts, body) = req.into_parts();
     let declared = parts
@@ -85,14 +86,14 @@ pub async fn forward(
         UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,
     };
     let body = RequestBody {
-        inner: body,
+        inner: Some(body),
         remaining: route.max_body.unwrap_or(u64::MAX),
         fault: fault.clone(),
         identity: fault
             .is_some()
             .then(|| [identity.key_id.clone(), identity.service_account.clone()]),
     };
-    let send = clients.send(route, Request::from_parts(parts, body));
+    let send = clients.send(route, Request::from_parts(parts, body), websocket);
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let mut resp = match tokio::time::timeout(deadline, send).await {
         Err(_) => return Err(ForwardError::Timeout),
@@ -100,6 +101,7 @@ pub async fn forward(
         Ok(Ok(resp)) => resp,
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        resp.body_mut().forget_connection();
         return switch(resp, downstream_upgrade, permit, &down);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
@@ -161,7 +163,7 @@ fn upstream_headers(
 
 /// Which side a failed exchange is blamed on: the client's body, or the upstream.
 fn blame(
-    e: &hyper_util::client::legacy::Error,
+    e: &SendError,
     fault: Option<&BodyFault>,
     route: &crate::config::routes::Route,
 ) -> ForwardError {
@@ -174,17 +176,17 @@ fn blame(
         }
     }
     tracing::debug!(route = %route.name, error = %e, "upstream request failed");
-    ForwardError::Unavailable(Failure::of(e))
+    ForwardError::Unavailable(Failure::of_send(e))
 }
 
 /// A 101 from the upstream: spliced when the client asked for a WebSocket and the upstream
 /// agreed; anything else would be a tunnel past every check, and is a 502.
 fn switch(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     permit: Permit<'_>,
     down: &Downstream<'_>,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<UpstreamBody>, ForwardError> {
     let agreed = resp
         .headers()
         .get(UPGRADE)

@@ -11,5 +11,6 @@ pub(crate) mod listener;
 pub(crate) mod observe;
 pub(crate) mod pipeline;
 pub(crate) mod policy;
+pub(crate) mod pool;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;

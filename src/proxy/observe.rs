@@ -10,10 +10,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::config::LogFormat;
 use crate::ops::accesslog::{AccessLog, Entry};
+use crate::proxy::pool::UpstreamBody;
 
 /// What a connection tells its idle watchdog.
 #[derive(Debug, Default)]
@@ -90,14 +90,14 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
 
 /// A response body that reports its end.
 pub struct ObservedBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<UpstreamBody, Full<Bytes>>,
     bytes: u64,
     finish: Option<Box<Finish>>,
 }
 
 impl ObservedBody {
     /// Wraps a body; `finish` runs once, at end of stream or on drop.
-    pub fn new(inner: Either<Incoming, Full<Bytes>>, finish: Box<Finish>) -> ObservedBody {
+    pub fn new(inner: Either<UpstreamBody, Full<Bytes>>, finish: Box<Finish>) -> ObservedBody {
         ObservedBody {
             inner,
             bytes: 0,

@@ -25,6 +25,7 @@ use crate::proxy::error::{self, GatewayError};
 use crate::proxy::forward::{self, Downstream};
 use crate::proxy::observe::{ConnState, Finish, ObservedBody};
 use crate::proxy::policy::{self, PolicyError};
+use crate::proxy::pool::UpstreamBody;
 use crate::proxy::upstream::{self, ForwardError};
 use crate::wire::{headers, path};
 
@@ -314,7 +315,7 @@ async fn pipeline(
     conn: &Conn,
     req: Request<Incoming>,
     trace: &mut Trace,
-) -> Result<Response<Incoming>, GatewayError> {
+) -> Result<Response<UpstreamBody>, GatewayError> {
     let config = &snapshot.config;
     let host = ingress(&req, config.limits.max_header_bytes)?;
     let client =

@@ -10,17 +10,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Request, Uri};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::routes::{Route, UpstreamScheme};
 use crate::config::Config;
 use crate::control::snapshot::Snapshot;
+use crate::proxy::pool::{self, UpstreamBody};
 use crate::wire::headers;
 
 /// Deadline for an upstream's response head when the route sets none.
@@ -56,9 +57,19 @@ impl Failure {
         }
     }
 
-    /// Classifies a client error by walking its source chain.
-    pub(crate) fn of(err: &(dyn std::error::Error + 'static)) -> Failure {
-        let mut connect = false;
+    /// Classifies a failed exchange.
+    pub(crate) fn of_send(err: &SendError) -> Failure {
+        match err {
+            SendError::Legacy(e) => Failure::of(e, false),
+            SendError::Connect(e) => Failure::of(e.as_ref(), true),
+            SendError::Http(e) => Failure::of(e, false),
+        }
+    }
+
+    /// Classifies a client error by walking its source chain; `connect` when it happened
+    /// while connecting.
+    fn of(err: &(dyn std::error::Error + 'static), connect: bool) -> Failure {
+        let mut connect = connect;
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = cur {
             if let Some(c) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
@@ -99,6 +110,20 @@ impl Failure {
     }
 }
 
+/// How sending to an upstream failed, before it is classified as a [`Failure`].
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// From a pooled hyper-util client (h2c, https, WebSocket upgrades).
+    #[error("{0}")]
+    Legacy(#[source] hyper_util::client::legacy::Error),
+    /// Connecting a new HTTP/1.1 connection failed.
+    #[error("connect: {0}")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The HTTP/1.1 exchange failed.
+    #[error("{0}")]
+    Http(#[source] hyper::Error),
+}
+
 /// Why an upstream exchange failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ForwardError {
@@ -118,7 +143,8 @@ pub enum ForwardError {
 
 /// A request body on its way upstream, cut off once it passes the route's `max_body`.
 pub struct RequestBody {
-    pub(crate) inner: Incoming,
+    /// `None` for the empty body of a request sent again ([`RequestBody::empty`]).
+    pub(crate) inner: Option<Incoming>,
     pub(crate) remaining: u64,
     pub(crate) fault: Option<Arc<BodyFault>>,
     /// Identity header names to remove from request trailers (bodies with content only).
@@ -152,7 +178,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(t) = frame.trailers_mut() {
                     // Trailers reach the upstream too: no key or forged identity in them.
@@ -187,13 +216,28 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
+
+impl RequestBody {
+    /// An empty body, for sending a bodyless request again.
+    pub(crate) fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            remaining: 0,
+            fault: None,
+            identity: None,
+        }
+    }
+}
+
 /// Connects to one fixed upstream whatever the request URI names.
 ///
 /// HTTP/2 takes `:authority` from the URI, which must carry the client's host (RFC 9113
@@ -238,8 +282,10 @@ enum RouteClient {
     Https(HttpsClient),
 }
 
-/// Pooled upstream clients: one shared for `http://` routes, one per h2c or https route.
+/// Upstream clients: `http://` routes on this worker's own HTTP/1.1 connections
+/// ([`pool`]), WebSocket upgrades on a pooled client, one client per h2c or https route.
 pub struct Forwarder {
+    connector: HttpConnector,
     http1: Client<HttpConnector, RequestBody>,
     by_route: Vec<Option<RouteClient>>,
 }
@@ -318,7 +364,11 @@ impl Forwarder {
                 UpstreamScheme::Https => https_client(ct, r).map(|c| Some(RouteClient::Https(c))),
             })
             .collect::<Result<_, String>>()?;
-        Ok(Forwarder { http1, by_route })
+        Ok(Forwarder {
+            connector: connector(ct),
+            http1,
+            by_route,
+        })
     }
 
     /// True when the route has its own client, which takes the client's host as `:authority`.
@@ -326,13 +376,23 @@ impl Forwarder {
         matches!(self.by_route.get(route.index), Some(Some(_)))
     }
 
-    /// Starts sending `req` on the route's client.
-    pub(crate) fn send(&self, route: &Route, req: Request<RequestBody>) -> ResponseFuture {
-        match self.by_route.get(route.index).and_then(Option::as_ref) {
+    /// Sends `req` on the route's client; `upgrade` for a WebSocket handshake.
+    pub(crate) async fn send(
+        &self,
+        route: &Route,
+        req: Request<RequestBody>,
+        upgrade: bool,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let legacy = match self.by_route.get(route.index).and_then(Option::as_ref) {
+            None if !upgrade => {
+                return pool::send(&self.connector, &route.upstream.authority, req).await
+            }
             None => self.http1.request(req),
             Some(RouteClient::H2c(c)) => c.request(req),
             Some(RouteClient::Https(c)) => c.request(req),
-        }
+        };
+        let resp = legacy.await.map_err(SendError::Legacy)?;
+        Ok(resp.map(UpstreamBody::plain))
     }
 }
 

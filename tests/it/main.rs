@@ -16,6 +16,7 @@ mod ops;
 mod paths;
 mod policy;
 mod policy_sources;
+mod pooling;
 mod production;
 mod protocols;
 mod reload;

@@ -1,0 +1,160 @@
+//! Upstream HTTP/1.1 connections are kept and reused per worker, and one the upstream closed
+//! while idle is never used again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+/// A bare HTTP/1.1 upstream that counts connections and, like nginx's `keepalive_timeout`,
+/// closes a connection after `idle` without a request, with no `Connection: close` first.
+async fn closing_upstream(idle: Duration) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let count = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), conns)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_dropped_once_closed() {
+    let (url, conns) = closing_upstream(Duration::from_millis(300)).await;
+    let k = TestKey::new("k", "sa", &["s.a"]);
+    let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
+    // One downstream connection: its requests stay on one worker, and so on one pool.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut burst = async |n: usize| {
+        for i in 0..n {
+            let req = http::Request::builder()
+                .uri(format!("/api/{i}"))
+                .header("host", "t")
+                .header("authorization", k.auth())
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200, "request {i}");
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        }
+    };
+    burst(10).await;
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "ten requests, one upstream connection"
+    );
+    // Long past the upstream's idle timeout: the pooled connection is closed on its side.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    burst(10).await;
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "a new connection after the close, then reuse"
+    );
+    gw.stop().await;
+}
+
+/// An upstream that answers the first request on each connection and closes the connection,
+/// unanswered, when a second one arrives: a keep-alive close racing the next request.
+async fn one_answer_upstream() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let count = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        if answered {
+                            return;
+                        }
+                        buf.clear();
+                        answered = true;
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), conns)
+}
+
+#[tokio::test]
+async fn a_get_the_upstream_drops_on_a_kept_alive_connection_is_sent_again_a_post_is_not() {
+    let (url, conns) = one_answer_upstream().await;
+    let k = TestKey::new("k", "sa", &["s.a"]);
+    let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut call = async |method: &str, body: &'static str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/api/x")
+            .header("host", "t")
+            .header("authorization", k.auth())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        send.send_request(req).await.unwrap().status()
+    };
+    assert_eq!(call("GET", "").await, 200);
+    // The kept connection takes the second GET and closes: sent again on a new one.
+    assert_eq!(call("GET", "").await, 200);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    // A POST may have been acted on before the close: never sent twice.
+    assert_eq!(call("POST", "x").await, 502);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    gw.stop().await;
+}
