@@ -165,6 +165,14 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
                 return;
             }
         };
+        // Idle upstream connections are closed on time even when no request comes by.
+        let sweeper = tokio::spawn(async {
+            let mut tick = tokio::time::interval(crate::proxy::pool::SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                crate::proxy::pool::sweep();
+            }
+        });
         let mut stop = shared.stop.clone();
         let mut last_accept_warning = None;
         loop {
@@ -198,6 +206,7 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
             tokio::spawn(connection(shared.clone(), stream, peer, permit));
         }
         drop(listener);
+        sweeper.abort();
         // Drain: in-flight requests (and upgraded connections, which hold a slot) on this
         // worker get up to the grace period; whatever is left ends with the runtime.
         let max = shared.max_connections;

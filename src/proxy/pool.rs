@@ -85,6 +85,25 @@ fn checkin(upstream: Authority, tx: SendRequest<RequestBody>) {
     drop(evicted);
 }
 
+/// How often a worker closes idle connections past [`IDLE_TIMEOUT`] when no request does.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// Closes this worker's idle connections that are past their timeout or already closed;
+/// checkout and checkin do the same on the way, this covers a worker that gets no traffic.
+pub(crate) fn sweep() {
+    let mut gone = Vec::new();
+    let _ = IDLE.try_with(|cell| {
+        let now = Instant::now();
+        let mut idle = cell.borrow_mut();
+        let (keep, old): (VecDeque<Idle>, VecDeque<Idle>) = std::mem::take(&mut *idle)
+            .into_iter()
+            .partition(|i| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+        *idle = keep;
+        gone.extend(old);
+    });
+    drop(gone);
+}
+
 /// Sends `req` (absolute URI) over an idle or new connection to `upstream`.
 pub(crate) async fn send(
     connector: &HttpConnector,
