@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use crate::config::routes::UpstreamScheme;
 use crate::config::IdentityHeaders;
 use crate::proxy::authorize::Permit;
-use crate::proxy::pool::UpstreamBody;
+use crate::proxy::pool::{self, UpstreamBody};
 use crate::proxy::tunnel;
 use crate::proxy::upstream::{
     BodyFault, Failure, ForwardError, Forwarder, RequestBody, SendError, DEFAULT_TIMEOUT,
@@ -93,7 +93,14 @@ pub async fn forward(
             .is_some()
             .then(|| [identity.key_id.clone(), identity.service_account.clone()]),
     };
-    let send = clients.send(route, Request::from_parts(parts, body), websocket);
+    let req = Request::from_parts(parts, body);
+    let send = async {
+        if clients.own_connection(route, websocket) {
+            return pool::send(clients.connector(), &route.upstream.authority, req).await;
+        }
+        let resp = clients.start(route, req).await.map_err(SendError::Legacy)?;
+        Ok(resp.map(UpstreamBody::plain))
+    };
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let mut resp = match tokio::time::timeout(deadline, send).await {
         Err(_) => return Err(ForwardError::Timeout),

@@ -1,6 +1,7 @@
 //! Upstream exchanges: the request body on its way (cut at `max_body`), why an exchange
-//! failed, and the clients: one pooled HTTP/1.1 client for `http://` routes, one per h2c or
-//! https route pinned to its upstream, built per worker thread and per config.
+//! failed, and the clients: hyper-util's for WebSocket upgrades and for each h2c or https
+//! route pinned to its upstream, built per worker thread and per config. Other `http://`
+//! requests go on the worker's own HTTP/1.1 connections (`proxy::pool`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,18 +11,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Request, Response, Uri};
+use http::{Request, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::routes::{Route, UpstreamScheme};
 use crate::config::Config;
 use crate::control::snapshot::Snapshot;
-use crate::proxy::pool::{self, UpstreamBody};
 use crate::wire::headers;
 
 /// Deadline for an upstream's response head when the route sets none.
@@ -282,8 +282,8 @@ enum RouteClient {
     Https(HttpsClient),
 }
 
-/// Upstream clients: `http://` routes on this worker's own HTTP/1.1 connections
-/// ([`pool`]), WebSocket upgrades on a pooled client, one client per h2c or https route.
+/// Upstream clients: WebSocket upgrades on a pooled client, one client per h2c or https
+/// route, and the connector for the worker's own HTTP/1.1 connections.
 pub struct Forwarder {
     connector: HttpConnector,
     http1: Client<HttpConnector, RequestBody>,
@@ -376,23 +376,24 @@ impl Forwarder {
         matches!(self.by_route.get(route.index), Some(Some(_)))
     }
 
-    /// Sends `req` on the route's client; `upgrade` for a WebSocket handshake.
-    pub(crate) async fn send(
-        &self,
-        route: &Route,
-        req: Request<RequestBody>,
-        upgrade: bool,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let legacy = match self.by_route.get(route.index).and_then(Option::as_ref) {
-            None if !upgrade => {
-                return pool::send(&self.connector, &route.upstream.authority, req).await
-            }
+    /// True when `req` goes on the worker's own HTTP/1.1 connections: the route has no
+    /// client of its own and it is not a WebSocket handshake (`upgrade`).
+    pub(crate) fn own_connection(&self, route: &Route, upgrade: bool) -> bool {
+        !upgrade && !self.pinned(route)
+    }
+
+    /// Starts `req` on hyper-util's client: the route's own, else the shared HTTP/1.1 one.
+    pub(crate) fn start(&self, route: &Route, req: Request<RequestBody>) -> ResponseFuture {
+        match self.by_route.get(route.index).and_then(Option::as_ref) {
             None => self.http1.request(req),
             Some(RouteClient::H2c(c)) => c.request(req),
             Some(RouteClient::Https(c)) => c.request(req),
-        };
-        let resp = legacy.await.map_err(SendError::Legacy)?;
-        Ok(resp.map(UpstreamBody::plain))
+        }
+    }
+
+    /// What new HTTP/1.1 upstream connections are made with.
+    pub(crate) fn connector(&self) -> &HttpConnector {
+        &self.connector
     }
 }
 
