@@ -13,9 +13,11 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-/// A bare HTTP/1.1 upstream that counts connections and, like nginx's `keepalive_timeout`,
-/// closes a connection after `idle` without a request, with no `Connection: close` first.
-async fn closing_upstream(idle: Duration) -> (String, Arc<AtomicUsize>) {
+/// A bare HTTP/1.1 upstream that counts connections. On each connection it answers up to
+/// `answers` requests and closes, unanswered, when one more arrives (a keep-alive close racing
+/// the next request); like nginx's `keepalive_timeout`, it also closes after `idle` without
+/// a request. It never says `Connection: close` first.
+async fn bare_upstream(idle: Duration, answers: usize) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -29,9 +31,14 @@ async fn closing_upstream(idle: Duration) -> (String, Arc<AtomicUsize>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
+                let mut answered = 0;
                 loop {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if answered == answers {
+                            return;
+                        }
                         buf.drain(..end + 4);
+                        answered += 1;
                         let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                         if s.write_all(reply).await.is_err() {
                             return;
@@ -50,7 +57,7 @@ async fn closing_upstream(idle: Duration) -> (String, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn upstream_connections_are_reused_and_dropped_once_closed() {
-    let (url, conns) = closing_upstream(Duration::from_millis(300)).await;
+    let (url, conns) = bare_upstream(Duration::from_millis(300), usize::MAX).await;
     let k = TestKey::new("k", "sa", &["s.a"]);
     let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
     // One downstream connection: its requests stay on one worker, and so on one pool.
@@ -89,49 +96,9 @@ async fn upstream_connections_are_reused_and_dropped_once_closed() {
     gw.stop().await;
 }
 
-/// An upstream that answers the first request on each connection and closes the connection,
-/// unanswered, when a second one arrives: a keep-alive close racing the next request.
-async fn one_answer_upstream() -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let count = conns.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let mut answered = false;
-                loop {
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        if answered {
-                            return;
-                        }
-                        buf.clear();
-                        answered = true;
-                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if s.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
-                }
-            });
-        }
-    });
-    (format!("http://{addr}"), conns)
-}
-
 #[tokio::test]
 async fn a_get_the_upstream_drops_on_a_kept_alive_connection_is_sent_again_a_post_is_not() {
-    let (url, conns) = one_answer_upstream().await;
+    let (url, conns) = bare_upstream(Duration::from_secs(30), 1).await;
     let k = TestKey::new("k", "sa", &["s.a"]);
     let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
     let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
