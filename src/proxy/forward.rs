@@ -80,7 +80,8 @@ pub async fn forward(
         Some(carrier) => carrier.strip_query(down.query),
         None => down.query.map(std::borrow::Cow::Borrowed),
     };
-    parts.uri = upstream_uri(permit, uri_host.as_ref(), &down, query.as_deref())?;
+    let own = clients.own_connection(route, websocket);
+    parts.uri = upstream_uri(permit, uri_host.as_ref(), &down, query.as_deref(), own)?;
     parts.version = match route.upstream.scheme {
         UpstreamScheme::H2c => Version::HTTP_2,
         UpstreamScheme::Http | UpstreamScheme::Https => Version::HTTP_11,
@@ -95,7 +96,7 @@ pub async fn forward(
     };
     let req = Request::from_parts(parts, body);
     let send = async {
-        if clients.own_connection(route, websocket) {
+        if own {
             return pool::send(clients.connector(), &route.upstream.authority, req).await;
         }
         let resp = clients.start(route, req).await.map_err(SendError::Legacy)?;
@@ -218,11 +219,14 @@ fn switch(
 }
 
 /// The upstream request's URI; `host` replaces the upstream's authority for per-route clients.
+/// On the worker's own connections (`origin_form`) it is what goes on the wire, path and query
+/// alone; hyper-util's clients take the absolute form and pick their connection by it.
 fn upstream_uri(
     permit: Permit<'_>,
     host: Option<&http::uri::Authority>,
     down: &Downstream<'_>,
     query: Option<&str>,
+    origin_form: bool,
 ) -> Result<Uri, ForwardError> {
     let route = permit.route;
     let up = &route.upstream;
@@ -253,11 +257,14 @@ fn upstream_uri(
         }
     };
     let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(target);
+    if origin_form {
+        return Uri::from_parts(parts).map_err(|_| ForwardError::Unavailable(Failure::Connect));
+    }
     parts.scheme = Some(match up.scheme {
         UpstreamScheme::Https => http::uri::Scheme::HTTPS,
         UpstreamScheme::Http | UpstreamScheme::H2c => http::uri::Scheme::HTTP,
     });
     parts.authority = Some(host.unwrap_or(&up.authority).clone());
-    parts.path_and_query = Some(target);
     Uri::from_parts(parts).map_err(|_| ForwardError::Unavailable(Failure::Connect))
 }

@@ -104,17 +104,13 @@ pub(crate) fn sweep() {
     drop(gone);
 }
 
-/// Sends `req` (absolute URI) over an idle or new connection to `upstream`.
+/// Sends `req` over an idle or new connection to `upstream`. Its URI is written as given, so
+/// it is origin form: path and query.
 pub(crate) async fn send(
     connector: &HttpConnector,
     upstream: &Authority,
     mut req: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let dest = std::mem::take(req.uri_mut());
-    // The connection API writes the target as given: origin form, as a client would send it.
-    let mut origin = http::uri::Parts::default();
-    origin.path_and_query = dest.path_and_query().cloned();
-    *req.uri_mut() = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
     // A kept-alive connection the upstream closes just as a request goes out fails it with
     // nothing answered. A bodyless idempotent request is then sent once more on a new
     // connection (RFC 9110 9.2.2; HAProxy's `retry-on conn-failure`), so its head is kept.
@@ -139,6 +135,11 @@ pub(crate) async fn send(
             },
         }
     }
+    let mut dest = http::uri::Parts::default();
+    dest.scheme = Some(http::uri::Scheme::HTTP);
+    dest.authority = Some(upstream.clone());
+    dest.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    let dest = Uri::from_parts(dest).map_err(|e| SendError::Connect(e.into()))?;
     let io = tower_service::Service::call(&mut connector.clone(), dest)
         .await
         .map_err(|e| SendError::Connect(e.into()))?;
