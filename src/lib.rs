@@ -29,3 +29,4 @@ pub mod proxy;
 pub mod wire;
 
 pub use cli::serve::{serve, shutdown_signal, ServeError};
+pub use ops::trim;

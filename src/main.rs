@@ -7,6 +7,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = keygate::cli::Cli::parse();
+    keygate::trim::install(collect_freed);
     // rustls warns once per handshake about what clients send (an IP address as SNI, say):
     // a client must not decide how much keygate logs. Failed handshakes are logged at debug.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -34,3 +35,11 @@ fn main() -> ExitCode {
 // thread-per-core workers.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Returns the calling thread's freed mimalloc pages to the OS; workers call it once they go
+/// quiet after a burst, so RSS falls back after load.
+fn collect_freed() {
+    // SAFETY: mi_collect takes no pointers and only walks the calling thread's own heap (and
+    // abandoned segments); mimalloc is the global allocator, so that heap exists.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}

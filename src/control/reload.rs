@@ -151,6 +151,9 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -
     if changed {
         r.current
             .store(Arc::new(Snapshot::new(config, keys, parts, Some(&old))));
+        // Parsing a large key file leaves this thread's heap holding its scratch; return it.
+        drop(old);
+        crate::ops::trim::collect_now();
     }
     settled
 }

@@ -5,3 +5,4 @@
 pub mod accesslog;
 pub mod admin;
 pub mod metrics;
+pub mod trim;

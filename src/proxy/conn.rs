@@ -36,6 +36,7 @@ impl ConnHold {
 impl Drop for ConnHold {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
+        crate::ops::trim::note_activity();
     }
 }
 

@@ -173,6 +173,7 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
                 crate::proxy::pool::sweep();
             }
         });
+        let trimmer = tokio::spawn(crate::ops::trim::on_quiet());
         let mut stop = shared.stop.clone();
         let mut last_accept_warning = None;
         loop {
@@ -207,6 +208,7 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
         }
         drop(listener);
         sweeper.abort();
+        trimmer.abort();
         // Drain: in-flight requests (and upgraded connections, which hold a slot) on this
         // worker get up to the grace period; whatever is left ends with the runtime.
         let max = shared.max_connections;
@@ -277,7 +279,10 @@ async fn serve_conn<I>(
 {
     let state = conn.state.clone();
     let (gateway, peer) = (gw.clone(), conn.peer);
-    let svc = service_fn(move |req| handle(gw.clone(), conn.clone(), req));
+    let svc = service_fn(move |req| {
+        crate::ops::trim::note_activity();
+        handle(gw.clone(), conn.clone(), req)
+    });
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(c);
     let mut watch = Watchdog::new(limits);
