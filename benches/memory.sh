@@ -128,8 +128,8 @@ done
 kill "$WRK_PID" 2>/dev/null || true
 wait "$WRK_PID" 2>/dev/null || true
 sleep 2.5
-# LATER=seconds waits that long more and measures again: freed pages go back to the OS as
-# the thread that freed them allocates again (the 30 s re-check of the files, for one).
+# LATER=seconds waits that long more and measures again: workers and the reload thread
+# collect on their own, other threads return freed pages only as they allocate again.
 if [ "${LATER:-0}" -gt 0 ]; then
   echo "2.5 s after the last reload: RSS $(status $KG_PID VmRSS) MiB"
   sleep "$LATER"

@@ -27,8 +27,8 @@ pub(crate) fn collect_now() {
     }
 }
 
-/// Activity seen by one worker: a counter bumped by requests and connection ends.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What one worker's quiet check remembers of its activity count between ticks.
+#[derive(Debug, Default)]
 pub(crate) struct Quiet {
     /// The activity count at the last check.
     seen: u64,
