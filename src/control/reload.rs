@@ -20,7 +20,7 @@ mod complaint;
 mod settle;
 mod watch;
 use complaint::{Complaints, File};
-use settle::{settle, Look, Settled, Shed};
+use settle::{settle, settle_while, Look, Settled};
 use watch::Watch;
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
@@ -123,7 +123,12 @@ pub fn load(config_path: &Path, metrics: &Metrics) -> Result<(Snapshot, Fingerpr
 /// One reload pass: re-reads whatever changed and swaps if it is valid. A file is taken only
 /// once it has stayed identical for [`settle::QUIET`]; returns false when something was still
 /// changing, and the caller runs another pass. Rejections are logged through `said`.
-pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -> bool {
+pub fn reload_once(
+    r: &Reloader,
+    fp: &mut Fingerprints,
+    said: &mut Complaints,
+    eager: bool,
+) -> bool {
     let old = r.current.load_full();
     let mut settled = true;
     let mut changed = false;
@@ -137,7 +142,7 @@ pub fn reload_once(r: &Reloader, fp: &mut Fingerprints, said: &mut Complaints) -
             (old.config.clone(), old.route_stats.clone())
         }
     };
-    let keys = match reload_keys(r, fp, &config, &old.keys, said) {
+    let keys = match reload_keys(r, fp, &config, &old.keys, said, eager) {
         Settled::Ready(k) => {
             changed = true;
             k
@@ -246,25 +251,39 @@ fn reload_keys(
     config: &Config,
     old: &Arc<KeyStore>,
     said: &mut Complaints,
+    eager: bool,
 ) -> Settled<Arc<KeyStore>> {
     let (path, stats) = (config.keys_file.as_path(), &r.stats);
     let same_file = *path == fp.keys_path;
-    let mut look = match settle(
-        || Look::take(path, "key file"),
-        |l| same_file && l.hash() == Some(fp.keys),
-        settle::QUIET,
-    ) {
-        Settled::Ready(look) => look,
+    let glance = || Look::glance(path, "key file");
+    let applied = |l: &Look| same_file && l.hash() == Some(fp.keys);
+    // The file is parsed line by line from disk, so its text is never held beside the old and
+    // the new store; the parse must hash the same as the settled look.
+    let parse = |l: &Look| {
+        l.content.as_ref().map_err(Clone::clone).and_then(|_| {
+            let file = open_key_file(path)?;
+            KeyStore::parse_file(path, file, Some(old))
+        })
+    };
+    // The first pass after a change parses during the quiet period, so a large file is seen
+    // a parse sooner; while a file keeps changing, later passes parse only once it settled.
+    let settled = if eager {
+        settle_while(glance, applied, settle::QUIET, parse)
+    } else {
+        match settle(glance, applied, settle::QUIET) {
+            Settled::Ready(look) => {
+                let parsed = parse(&look);
+                Settled::Ready((look, parsed))
+            }
+            Settled::Unchanged => Settled::Unchanged,
+            Settled::Changing => Settled::Changing,
+        }
+    };
+    let (look, parsed) = match settled {
+        Settled::Ready(both) => both,
         Settled::Unchanged => return Settled::Unchanged,
         Settled::Changing => return Settled::Changing,
     };
-    // The settled bytes only vouch for the file: it is parsed line by line from disk, so
-    // its text is not held beside the old and the new store, and must hash the same.
-    look.shed();
-    let parsed = look.content.as_ref().map_err(Clone::clone).and_then(|_| {
-        let file = open_key_file(path)?;
-        KeyStore::parse_file(path, file, Some(old))
-    });
     let read_settled = match &parsed {
         Ok((_, hash)) => look.hash() == Some(*hash),
         Err(_) => true,
@@ -399,11 +418,12 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
         // a long rewrite is taken as soon as it stops and dropping this task is never blocked.
         let started = tokio::time::Instant::now();
         let mut told = false;
+        let mut eager = true;
         loop {
             while rx.try_recv().is_ok() {}
             let (r, mut f, mut s) = (reloader.clone(), fp.clone(), said.clone());
             let done = tokio::task::spawn_blocking(move || {
-                let settled = reload_once(&r, &mut f, &mut s);
+                let settled = reload_once(&r, &mut f, &mut s, eager);
                 (f, s, settled)
             })
             .await;
@@ -418,6 +438,7 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
                 }
                 Err(_) => break,
             }
+            eager = false;
             if !told && started.elapsed() >= STILL_CHANGING {
                 told = true;
                 tracing::warn!(

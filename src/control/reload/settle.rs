@@ -56,6 +56,16 @@ impl PartialEq for Look {
 impl Look {
     /// Reads `path` once; `what` names the file in problems.
     pub fn take(path: &Path, what: &str) -> Look {
+        Look::read(path, what, true)
+    }
+
+    /// Stamp and hash alone, hashed a block at a time: for a file parsed straight from disk,
+    /// whose bytes would otherwise sit beside the old and the new store at the peak.
+    pub fn glance(path: &Path, what: &str) -> Look {
+        Look::read(path, what, false)
+    }
+
+    fn read(path: &Path, what: &str, keep: bool) -> Look {
         let problem = |m: String| Problems(vec![Problem::whole(path, m)]);
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -73,12 +83,15 @@ impl Look {
                 content: Err(problem(format!("cannot read {what}: it is a directory"))),
             };
         }
-        let content = std::fs::read(path)
-            .map(|bytes| {
+        let content = if keep {
+            std::fs::read(path).map(|bytes| {
                 let hash: [u8; 32] = Sha256::digest(&bytes).into();
                 (bytes, hash)
             })
-            .map_err(|e| problem(format!("cannot read {what}: {e}")));
+        } else {
+            hash_file(path).map(|hash| (Vec::new(), hash))
+        };
+        let content = content.map_err(|e| problem(format!("cannot read {what}: {e}")));
         Look { stamp, content }
     }
 
@@ -115,6 +128,21 @@ impl Shed for (Look, Look) {
     }
 }
 
+fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut block) {
+            Ok(0) => return Ok(hasher.finalize().into()),
+            Ok(n) => hasher.update(&block[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Outcome of one attempt to read something that must have stopped changing.
 #[derive(Debug)]
 pub enum Settled<T> {
@@ -142,6 +170,31 @@ pub fn settle<T: PartialEq + Shed>(
     let second = look();
     if second == first {
         Settled::Ready(second)
+    } else {
+        Settled::Changing
+    }
+}
+
+/// [`settle`], with `work` done on the first look while the quiet period runs instead of after
+/// it, so a slow parse does not add to the wait; the caller checks that the work saw the bytes
+/// the second look hashed.
+pub fn settle_while<T: PartialEq + Shed, W>(
+    look: impl Fn() -> T,
+    applied: impl Fn(&T) -> bool,
+    quiet: Duration,
+    work: impl FnOnce(&T) -> W,
+) -> Settled<(T, W)> {
+    let mut first = look();
+    let started = std::time::Instant::now();
+    if applied(&first) {
+        return Settled::Unchanged;
+    }
+    first.shed();
+    let done = work(&first);
+    std::thread::sleep(quiet.saturating_sub(started.elapsed()));
+    let second = look();
+    if second == first {
+        Settled::Ready((second, done))
     } else {
         Settled::Changing
     }
@@ -181,6 +234,39 @@ mod tests {
             settle(|| Look::take(&p, "f"), |l| l.hash() == known, QUIET),
             Settled::Unchanged
         ));
+    }
+
+    #[test]
+    fn work_done_in_the_quiet_period_is_kept_only_if_the_file_held_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "a").unwrap();
+        let quiet = Duration::from_millis(200);
+        let t = std::time::Instant::now();
+        let got = settle_while(
+            || Look::glance(&p, "f"),
+            |_| false,
+            quiet,
+            |_| std::fs::read(&p).unwrap(),
+        );
+        let Settled::Ready((look, read)) = got else {
+            panic!("{got:?}")
+        };
+        assert!(
+            t.elapsed() >= quiet,
+            "the quiet period is waited out in full"
+        );
+        assert_eq!(read, b"a");
+        // A glance hashes the file without keeping its bytes.
+        assert_eq!(look.content.as_ref().unwrap().0, b"");
+        assert_eq!(look.hash(), Look::take(&p, "f").hash());
+        let got = settle_while(
+            || Look::glance(&p, "f"),
+            |_| false,
+            quiet,
+            |_| std::fs::write(&p, "ab").unwrap(),
+        );
+        assert!(matches!(got, Settled::Changing), "{got:?}");
     }
 
     #[test]
