@@ -39,7 +39,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let (snapshot, fingerprints) = reload::load(config_path, &metrics)?;
+    // Stores are built and freed on one thread, so their pages return to the OS (see there).
+    let reload_thread = reload::ReloadThread::start()?;
+    let (path, m) = (config_path.to_path_buf(), metrics.clone());
+    let (snapshot, fingerprints) = reload_thread
+        .run(move || reload::load(&path, &m))
+        .await
+        .ok_or_else(|| std::io::Error::other("loading the config failed unexpectedly"))??;
     let config = snapshot.config.clone();
     let tls = listener_tls(&config, config_path)?;
     let admin_listener = match config.admin_listen {
@@ -82,8 +88,8 @@ pub async fn serve(
         tls: tls.as_ref().map(|(r, _)| r.clone()),
     });
     let mut background = vec![
-        tokio::spawn(reload::run(reloader, fingerprints)),
-        tokio::spawn(flush_state_loop(current.clone())),
+        tokio::spawn(flush_state_loop(current.clone(), reload_thread.clone())),
+        tokio::spawn(reload::run(reloader, fingerprints, reload_thread)),
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
@@ -130,20 +136,24 @@ fn listener_tls(
     )))
 }
 
-/// Writes last-used times when they changed since the previous write.
-fn flush_state(snapshot: &Snapshot, previous: &mut Option<state::State>) {
-    let now = state::capture(&snapshot.keys);
-    if previous.as_ref() == Some(&now) {
+/// Writes last-used times when they changed since the previous write (`previous` is that
+/// write's [`state::fingerprint`]).
+fn flush_state(snapshot: &Snapshot, previous: &mut Option<u64>) {
+    let mark = state::fingerprint(&snapshot.keys);
+    if *previous == Some(mark) {
         return;
     }
     let path = &snapshot.config.state_file;
-    match state::save(path, &now) {
-        Ok(()) => *previous = Some(now),
+    match state::save(path, &state::capture(&snapshot.keys)) {
+        Ok(()) => *previous = Some(mark),
         Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot write state file"),
     }
+    // The captured map and its JSON were megabytes with many keys; return them.
+    crate::ops::trim::collect_now();
 }
 
-async fn flush_state_loop(current: Arc<ArcSwap<Snapshot>>) {
+/// Flushes on the reload thread, whose heap the captured state is then freed back from.
+async fn flush_state_loop(current: Arc<ArcSwap<Snapshot>>, thread: reload::ReloadThread) {
     let mut tick = tokio::time::interval(state::FLUSH_EVERY);
     tick.tick().await;
     let mut previous = None;
@@ -151,13 +161,14 @@ async fn flush_state_loop(current: Arc<ArcSwap<Snapshot>>) {
         tick.tick().await;
         let snap = current.load_full();
         let prev = previous.take();
-        previous = tokio::task::spawn_blocking(move || {
-            let mut prev = prev;
-            flush_state(&snap, &mut prev);
-            prev
-        })
-        .await
-        .unwrap_or(None);
+        previous = thread
+            .run(move || {
+                let mut prev = prev;
+                flush_state(&snap, &mut prev);
+                prev
+            })
+            .await
+            .flatten();
     }
 }
 

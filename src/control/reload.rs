@@ -18,9 +18,11 @@ use crate::wire::tls::CertResolver;
 
 mod complaint;
 mod settle;
+mod thread;
 mod watch;
 use complaint::{Complaints, File};
 use settle::{settle, settle_while, Look, Settled};
+pub use thread::ReloadThread;
 use watch::Watch;
 
 /// Content hashes of the files a snapshot came from: an unchanged file swaps nothing.
@@ -156,11 +158,25 @@ pub fn reload_once(
     if changed {
         r.current
             .store(Arc::new(Snapshot::new(config, keys, parts, Some(&old))));
+        release(old);
         // Parsing a large key file leaves this thread's heap holding its scratch; return it.
-        drop(old);
         crate::ops::trim::collect_now();
     }
     settled
+}
+
+/// How long a reload waits for requests still on the old snapshot before leaving its freeing
+/// to the last of them; they hold it only until their response head.
+const RELEASE_WAIT: Duration = Duration::from_millis(250);
+
+/// Drops the old snapshot here once requests let go of it: freeing 100,000 keys is a few ms a
+/// worker's requests would wait out, and the pages go back from this thread's heap.
+fn release(old: Arc<Snapshot>) {
+    let started = std::time::Instant::now();
+    while Arc::strong_count(&old) > 1 && started.elapsed() < RELEASE_WAIT {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(old);
 }
 
 type ConfigParts = (Arc<Config>, Arc<Vec<RouteStats>>);
@@ -382,7 +398,7 @@ fn rejected_lines(problems: &Problems) -> Vec<String> {
 
 /// Watches the folders of the config and key file (so renames and `..data` symlink swaps are
 /// seen), SIGHUP, and a periodic re-check; runs until the task is dropped.
-pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
+pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints, thread: ReloadThread) {
     let current = reloader.current.clone();
     let config_path = reloader.config_path.clone();
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -422,21 +438,22 @@ pub async fn run(reloader: Arc<Reloader>, mut fp: Fingerprints) {
         loop {
             while rx.try_recv().is_ok() {}
             let (r, mut f, mut s) = (reloader.clone(), fp.clone(), said.clone());
-            let done = tokio::task::spawn_blocking(move || {
-                let settled = reload_once(&r, &mut f, &mut s, eager);
-                (f, s, settled)
-            })
-            .await;
+            let done = thread
+                .run(move || {
+                    let settled = reload_once(&r, &mut f, &mut s, eager);
+                    (f, s, settled)
+                })
+                .await;
             watch.follow(&current.load());
             match done {
-                Ok((f, s, settled)) => {
+                Some((f, s, settled)) => {
                     fp = f;
                     said = s;
                     if settled {
                         break;
                     }
                 }
-                Err(_) => break,
+                None => break,
             }
             eager = false;
             if !told && started.elapsed() >= STILL_CHANGING {

@@ -2,7 +2,7 @@
 //! and the per-route, per-key rate cells that live beside them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::Config;
 use crate::keys::limit::mono_ns;
@@ -19,6 +19,9 @@ pub struct Snapshot {
     pub route_stats: Arc<Vec<RouteStats>>,
     /// Rate cells of routes that set `rate_limit`.
     pub meters: RouteMeters,
+    /// Per-key request counters by key slot, registered on first use; empty unless
+    /// `metrics.per_key` is on, so keys do not carry a slot each for a feature that is off.
+    pub key_uses: Box<[OnceLock<metrics::Counter>]>,
 }
 
 impl Snapshot {
@@ -30,7 +33,13 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Snapshot {
         let meters = RouteMeters::build(&config, &keys, previous);
+        let counted = if config.metrics_per_key {
+            keys.len()
+        } else {
+            0
+        };
         Snapshot {
+            key_uses: (0..counted).map(|_| OnceLock::new()).collect(),
             config,
             keys,
             route_stats,

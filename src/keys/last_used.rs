@@ -78,12 +78,12 @@ pub(crate) fn last_used_secs(state: &State, id: &str) -> Option<i64> {
 pub(crate) fn apply(state: &State, keys: &KeyStore) {
     let now = now_secs();
     for entry in keys.entries() {
-        if let Some(t) = last_used_secs(state, &entry.id) {
+        if let Some(t) = last_used_secs(state, entry.id()) {
             entry.last_used.fetch_max(t, Ordering::Relaxed);
         }
         let quota = entry.limits.as_ref().and_then(|l| l.quota.as_ref());
         if let (Some(q), Some(usage)) = (quota, &entry.usage) {
-            let used = quota_used(state, &entry.id, q, now);
+            let used = quota_used(state, entry.id(), q, now);
             if used > 0 {
                 q.restore(&usage.quota, q.period(now).0, used);
             }
@@ -100,7 +100,7 @@ pub(crate) fn capture(keys: &KeyStore) -> State {
             let t = time::OffsetDateTime::from_unix_timestamp(t)
                 .ok()
                 .filter(|_| t > 0)?;
-            Some((e.id.to_string(), format_time(t)))
+            Some((e.id().to_string(), format_time(t)))
         })
         .collect();
     let now = now_secs();
@@ -112,11 +112,33 @@ pub(crate) fn capture(keys: &KeyStore) -> State {
             let start = time::OffsetDateTime::from_unix_timestamp(q.period(now).0).ok()?;
             (used > 0).then(|| {
                 let period_start = format_time(start);
-                (e.id.to_string(), QuotaUse { period_start, used })
+                (e.id().to_string(), QuotaUse { period_start, used })
             })
         })
         .collect();
     State { last_used, usage }
+}
+
+/// A digest of what [`capture`] would record, without building it: when it has not changed
+/// the file already says this, and 100,000 keys cost a scan instead of a map of strings
+/// rebuilt every flush.
+pub(crate) fn fingerprint(keys: &KeyStore) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let now = now_secs();
+    for e in keys.entries() {
+        let t = e.last_used.load(Ordering::Relaxed);
+        let quota = e
+            .limits
+            .as_ref()
+            .and_then(|l| l.quota.as_ref())
+            .zip(e.usage.as_ref())
+            .map(|(q, u)| (q.used(&u.quota, now), q.period(now).0));
+        if t > 0 || quota.is_some_and(|(used, _)| used > 0) {
+            (e.id(), t, quota).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// Writes state atomically.

@@ -344,10 +344,10 @@ impl Metrics {
         for k in keys.entries() {
             let status = if k.revoked {
                 2
-            } else if k.expires_at.is_some_and(|t| now >= t) {
+            } else if k.expires_at().is_some_and(|t| now >= t) {
                 1
             } else {
-                if k.expires_at.is_some_and(|t| t - now <= EXPIRING_WITHIN.0) {
+                if k.expires_at().is_some_and(|t| t - now <= EXPIRING_WITHIN.0) {
                     expiring += 1;
                 }
                 0

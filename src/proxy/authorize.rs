@@ -154,7 +154,7 @@ pub fn authorize<'a>(
     if key.revoked {
         return Err(AuthError::Revoked);
     }
-    if key.expires_at.is_some_and(|t| now >= t) {
+    if key.expires_at().is_some_and(|t| now >= t) {
         return Err(AuthError::Expired);
     }
     if let Some(scope) = key.missing_scope(&route.scopes) {

@@ -337,9 +337,11 @@ async fn pipeline(
         route.preflight == Preflight::Pass && headers::is_preflight(req.method(), req.headers());
     let permit = admit(snapshot, route, &found, preflight, trace)?;
     policy::check(&permit, &snapshot.meters, client.ip)?;
-    if let (Some(key), true) = (permit.key, config.metrics_per_key) {
-        key.uses
-            .get_or_init(|| gateway.metrics.key_counter(&key.id))
+    let uses = permit
+        .key
+        .and_then(|k| Some((k, snapshot.key_uses.get(k.slot as usize)?)));
+    if let Some((key, uses)) = uses {
+        uses.get_or_init(|| gateway.metrics.key_counter(key.id()))
             .increment(1);
     }
     let down = Downstream {

@@ -28,7 +28,7 @@ impl KeyWatch {
         };
         snap.keys.lookup(&self.digest).is_some_and(|k| {
             !k.revoked
-                && k.expires_at.is_none_or(|t| now < t)
+                && k.expires_at().is_none_or(|t| now < t)
                 && (route.public || k.missing_scope(&route.scopes).is_none())
         })
     }
