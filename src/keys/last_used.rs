@@ -147,3 +147,34 @@ pub(crate) fn save(path: &Path, state: &State) -> std::io::Result<()> {
     bytes.push(b'\n');
     super::file::write_atomic(path, &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_moves_with_what_capture_would_write_and_only_then() {
+        let path = Path::new("keys.yaml");
+        let text = "keys:\n  - id: a\n    hash: sha256:0000000000000000000000000000000000000000000000000000000000000001\n    service_account: sa\n    scopes: [x]\n  - id: b\n    hash: sha256:0000000000000000000000000000000000000000000000000000000000000002\n    service_account: sa\n    scopes: [x]\n";
+        let keys = KeyStore::parse(path, text, None).unwrap();
+        let unused = fingerprint(&keys);
+        assert_eq!(
+            fingerprint(&keys),
+            unused,
+            "nothing changed, nothing to write"
+        );
+        let a = keys.entries().find(|e| e.id() == "a").unwrap();
+        a.touch(1_700_000_000);
+        let used = fingerprint(&keys);
+        assert_ne!(used, unused);
+        assert_eq!(capture(&keys).last_used.len(), 1);
+        a.touch(1_700_000_000);
+        assert_eq!(
+            fingerprint(&keys),
+            used,
+            "the same second again writes nothing"
+        );
+        a.touch(1_700_000_001);
+        assert_ne!(fingerprint(&keys), used);
+    }
+}
