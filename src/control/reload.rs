@@ -286,14 +286,10 @@ fn reload_keys(
     let settled = if eager {
         settle_while(glance, applied, settle::QUIET, parse)
     } else {
-        match settle(glance, applied, settle::QUIET) {
-            Settled::Ready(look) => {
-                let parsed = parse(&look);
-                Settled::Ready((look, parsed))
-            }
-            Settled::Unchanged => Settled::Unchanged,
-            Settled::Changing => Settled::Changing,
-        }
+        settle(glance, applied, settle::QUIET).map(|look| {
+            let parsed = parse(&look);
+            (look, parsed)
+        })
     };
     let (look, parsed) = match settled {
         Settled::Ready(both) => both,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::limit::Quota;
-use super::{format_time, now_secs, parse_time, KeyStore};
+use super::{format_time, now_secs, parse_time, KeyEntry, KeyStore};
 
 /// How often last-used times are written.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(10);
@@ -91,32 +91,37 @@ pub(crate) fn apply(state: &State, keys: &KeyStore) {
     }
 }
 
+/// What the state file records of one key: its last use (0 for never) and, when it spent
+/// any, its quota use in the current period with that period's start. [`capture`] and
+/// [`fingerprint`] both read it, so they cannot disagree on what counts.
+fn recorded(e: &KeyEntry, now: i64) -> (i64, Option<(u64, i64)>) {
+    let quota = e
+        .limits
+        .as_ref()
+        .and_then(|l| l.quota.as_ref())
+        .zip(e.usage.as_ref())
+        .map(|(q, u)| (q.used(&u.quota, now), q.period(now).0))
+        .filter(|&(used, _)| used > 0);
+    (e.last_used.load(Ordering::Relaxed), quota)
+}
+
 /// The state of every key currently loaded; keys that no longer exist drop out.
 pub(crate) fn capture(keys: &KeyStore) -> State {
-    let last_used = keys
-        .entries()
-        .filter_map(|e| {
-            let t = e.last_used.load(Ordering::Relaxed);
-            let t = time::OffsetDateTime::from_unix_timestamp(t)
-                .ok()
-                .filter(|_| t > 0)?;
-            Some((e.id().to_string(), format_time(t)))
-        })
-        .collect();
     let now = now_secs();
-    let usage = keys
-        .entries()
-        .filter_map(|e| {
-            let q = e.limits.as_ref()?.quota.as_ref()?;
-            let used = q.used(&e.usage.as_ref()?.quota, now);
-            let start = time::OffsetDateTime::from_unix_timestamp(q.period(now).0).ok()?;
-            (used > 0).then(|| {
-                let period_start = format_time(start);
-                (e.id().to_string(), QuotaUse { period_start, used })
-            })
-        })
-        .collect();
-    State { last_used, usage }
+    let mut state = State::default();
+    let time_of = |t: i64| time::OffsetDateTime::from_unix_timestamp(t).ok();
+    for e in keys.entries() {
+        let (t, quota) = recorded(e, now);
+        if let Some(t) = time_of(t).filter(|_| t > 0) {
+            state.last_used.insert(e.id().to_string(), format_time(t));
+        }
+        if let Some((used, start)) = quota.and_then(|(used, s)| Some((used, time_of(s)?))) {
+            let period_start = format_time(start);
+            let quota_use = QuotaUse { period_start, used };
+            state.usage.insert(e.id().to_string(), quota_use);
+        }
+    }
+    state
 }
 
 /// A digest of what [`capture`] would record, without building it: when it has not changed
@@ -127,14 +132,8 @@ pub(crate) fn fingerprint(keys: &KeyStore) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let now = now_secs();
     for e in keys.entries() {
-        let t = e.last_used.load(Ordering::Relaxed);
-        let quota = e
-            .limits
-            .as_ref()
-            .and_then(|l| l.quota.as_ref())
-            .zip(e.usage.as_ref())
-            .map(|(q, u)| (q.used(&u.quota, now), q.period(now).0));
-        if t > 0 || quota.is_some_and(|(used, _)| used > 0) {
+        let (t, quota) = recorded(e, now);
+        if t > 0 || quota.is_some() {
             (e.id(), t, quota).hash(&mut h);
         }
     }

@@ -161,17 +161,17 @@ pub fn settle<T: PartialEq + Shed>(
     applied: impl Fn(&T) -> bool,
     quiet: Duration,
 ) -> Settled<T> {
-    let mut first = look();
-    if applied(&first) {
-        return Settled::Unchanged;
-    }
-    first.shed();
-    std::thread::sleep(quiet);
-    let second = look();
-    if second == first {
-        Settled::Ready(second)
-    } else {
-        Settled::Changing
+    settle_while(look, applied, quiet, |_| ()).map(|(t, ())| t)
+}
+
+impl<T> Settled<T> {
+    /// The ready value mapped; the other outcomes as they are.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Settled<U> {
+        match self {
+            Settled::Unchanged => Settled::Unchanged,
+            Settled::Changing => Settled::Changing,
+            Settled::Ready(t) => Settled::Ready(f(t)),
+        }
     }
 }
 
