@@ -137,14 +137,21 @@ fn upstream_headers(
         // HPACK tables.
         v.set_sensitive(true);
     }
-    h.remove(&identity.key_id);
-    h.remove(&identity.service_account);
-    if let Some(key) = permit.key {
-        h.insert(&identity.key_id, key.id_header.clone());
-        h.insert(
-            &identity.service_account,
-            key.service_account_header.clone(),
-        );
+    // The gateway's identity headers replace any the client sent (insert drops every
+    // earlier value); a public route forwards none.
+    match permit.key {
+        Some(key) => {
+            h.reserve(5);
+            h.insert(&identity.key_id, key.id_header.clone());
+            h.insert(
+                &identity.service_account,
+                key.service_account_header.clone(),
+            );
+        }
+        None => {
+            h.remove(&identity.key_id);
+            h.remove(&identity.service_account);
+        }
     }
     headers::set_forwarded(
         h,
@@ -161,7 +168,8 @@ fn upstream_headers(
         }
         (true, None) => None,
         (false, host) => {
-            if let Some(host) = host {
+            // Usually the client's own Host, already in place.
+            if let Some(host) = host.as_ref().filter(|v| h.get(HOST) != Some(*v)) {
                 h.insert(HOST, host.clone());
             }
             None

@@ -14,6 +14,11 @@ pub(super) fn push_u64(out: &mut String, n: u64) {
 
 /// Appends `n` in decimal with at least `width` digits (leading zeros), as `{n:0width$}`.
 pub(super) fn push_padded(out: &mut String, mut n: u64, width: usize) {
+    // Octets, statuses' digits and small counts: most numbers in a line are one digit.
+    if n < 10 && width <= 1 {
+        out.push(char::from(b'0' + n as u8));
+        return;
+    }
     let mut buf = [b'0'; 20];
     let mut i = buf.len();
     loop {
@@ -25,8 +30,8 @@ pub(super) fn push_padded(out: &mut String, mut n: u64, width: usize) {
         }
     }
     let start = i.min(buf.len().saturating_sub(width));
-    // Only ASCII digits were written, so this never falls back.
-    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or_default());
+    // Digits are ASCII: pushing them as chars skips a UTF-8 check per number.
+    out.extend(buf[start..].iter().map(|&d| char::from(d)));
 }
 
 /// Appends `v` with three decimals, exactly as `{v:.3}` does.
@@ -83,9 +88,23 @@ pub(super) fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 /// everything else copied in runs.
 pub(super) fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in s.as_bytes().iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Most values need no escape: skip eight clean bytes at a time.
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            if !needs_escape(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
         if b != b'"' && b != b'\\' && b >= 0x20 && b != 0x7f {
+            i += 1;
             continue;
         }
         // `b` is ASCII, so both cuts fall on character boundaries.
@@ -99,10 +118,26 @@ pub(super) fn push_json_str(out: &mut String, s: &str) {
                 out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.push_str(s.get(start..).unwrap_or_default());
     out.push('"');
+}
+
+/// True when one of the eight bytes in `w` is a quote, a backslash, a control character or
+/// DEL. Exact, not a filter: each test is the classic "has a zero byte" bit trick, which
+/// never reports a byte that is not there (bytes of 0x80 and up never match).
+fn needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (below_space
+        | zero_in(w ^ (ONES * u64::from(b'"')))
+        | zero_in(w ^ (ONES * u64::from(b'\\')))
+        | zero_in(w ^ (ONES * 0x7f)))
+        != 0
 }
 
 #[cfg(test)]
@@ -164,9 +199,38 @@ mod tests {
             "ctl\u{1}\u{1f}\u{7f}end",
             "ünï\"cødé\n",
             "\"\"",
+            "a longer value with no escapes at all, past several words",
+            "01234567\"89abcdef\\ghijklmn\u{0}opqrstu\u{7f}",
+            "ünïcødé ünïcødé ünïcødé ünïcødé\ttab",
         ] {
             let lit = spelled(|o| push_json_str(o, s));
             assert_eq!(serde_json::from_str::<String>(&lit).unwrap(), s, "{lit}");
+        }
+    }
+
+    #[test]
+    fn word_test_matches_the_byte_test() {
+        let escapes = |b: u8| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f;
+        // Every byte value at every position, against neighbours clean and not.
+        for fill in [b'a', 0x80, 0xff, b'!', b'[', 0x7e] {
+            for pos in 0..8 {
+                for b in 0..=255u8 {
+                    let mut w = [fill; 8];
+                    w[pos] = b;
+                    let want = w.iter().any(|&x| escapes(x));
+                    assert_eq!(needs_escape(u64::from_le_bytes(w)), want, "{w:?}");
+                }
+            }
+        }
+        // Pairs of low bytes side by side, where a borrow could spill into the next byte.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let w = (x & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes();
+            let want = w.iter().any(|&b| escapes(b));
+            assert_eq!(needs_escape(u64::from_le_bytes(w)), want, "{w:?}");
         }
     }
 }
