@@ -4,7 +4,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(records) = keygate::keys::parse_key_file(std::path::Path::new("fuzz.yaml"), text) {
+        if let Ok(records) = keygate::keys::parse_key_file(std::path::Path::new("fuzz.yaml"), text)
+        {
             let store = keygate::keys::KeyStore::build(&records, None);
             assert_eq!(store.len(), records.len());
         }
