@@ -95,14 +95,14 @@ pub async fn forward(
             .then(|| [identity.key_id.clone(), identity.service_account.clone()]),
     };
     let req = Request::from_parts(parts, body);
-    let send = async {
-        if own {
-            return pool::send(clients.connector(), &route.upstream.authority, req).await;
-        }
-        let resp = clients.start(route, req).await.map_err(SendError::Legacy)?;
-        Ok(resp.map(UpstreamBody::plain))
-    };
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let send = async move {
+        if own {
+            pool::send(clients.connector(), &route.upstream.authority, req).await
+        } else {
+            legacy(clients.start(route, req)).await
+        }
+    };
     let mut resp = match tokio::time::timeout(deadline, send).await {
         Err(_) => return Err(ForwardError::Timeout),
         Ok(Err(e)) => return Err(blame(&e, fault.as_deref(), route)),
@@ -116,6 +116,14 @@ pub async fn forward(
     // An HTTP/1.0 upstream must not make an HTTP/1.1 client see an HTTP/1.0 status line.
     *resp.version_mut() = down.version;
     Ok(resp)
+}
+
+/// An exchange on hyper-util's client, for routes not on this worker's own connections.
+async fn legacy(
+    pending: hyper_util::client::legacy::ResponseFuture,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let resp = pending.await.map_err(SendError::Legacy)?;
+    Ok(resp.map(UpstreamBody::plain))
 }
 
 /// Rewrites the client's headers for the upstream; returns the `:authority` a pinned

@@ -135,6 +135,17 @@ pub(crate) async fn send(
             },
         }
     }
+    // Boxed: a new connection is the rare path, and its handshake's state would otherwise
+    // sit in every request's future.
+    Box::pin(connect_and_send(connector, upstream, req)).await
+}
+
+/// Opens a new connection to `upstream` and sends `req` on it.
+async fn connect_and_send(
+    connector: &HttpConnector,
+    upstream: &Authority,
+    req: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, SendError> {
     let mut dest = http::uri::Parts::default();
     dest.scheme = Some(http::uri::Scheme::HTTP);
     dest.authority = Some(upstream.clone());
