@@ -10,7 +10,6 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use http::{HeaderValue, Method, Uri};
-use std::fmt::Write as _;
 
 use crate::config::LogFormat;
 use crate::ops::metrics::AuthOutcome;
@@ -98,17 +97,17 @@ fn text_of(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
 }
 
-fn json_num(out: &mut String, n: Option<u16>) {
+fn json_num(out: &mut Vec<u8>, n: Option<u16>) {
     match n {
         Some(n) => push_u64(out, u64::from(n)),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
-fn json_opt(out: &mut String, s: Option<&str>) {
+fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => push_json_str(out, s),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -121,7 +120,7 @@ pub struct Clock {
 
 impl Clock {
     /// Appends `t` as RFC 3339 UTC with microseconds.
-    pub fn write(&mut self, out: &mut String, t: SystemTime) {
+    pub fn write(&mut self, out: &mut Vec<u8>, t: SystemTime) {
         let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let secs = i64::try_from(d.as_secs()).unwrap_or(0);
         if secs != self.second || self.prefix.is_empty() {
@@ -136,10 +135,10 @@ impl Clock {
                 })
                 .unwrap_or_default();
         }
-        out.push_str(&self.prefix);
-        out.push('.');
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.push(b'.');
         push_padded(out, u64::from(d.subsec_micros()), 6);
-        out.push('Z');
+        out.push(b'Z');
     }
 }
 
@@ -150,7 +149,7 @@ impl Entry {
     }
 
     /// Appends the line (no trailing newline) to `out`.
-    pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut String) {
+    pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut Vec<u8>) {
         let ms = self.duration * 1000.0;
         let request_id = self.request_id.to_str().unwrap_or("-");
         match format {
@@ -167,66 +166,66 @@ impl Entry {
         }
     }
 
-    fn json_into(&self, clock: &mut Clock, out: &mut String, ms: f64, request_id: &str) {
-        out.push_str("{\"time\":\"");
+    fn json_into(&self, clock: &mut Clock, out: &mut Vec<u8>, ms: f64, request_id: &str) {
+        out.extend_from_slice(b"{\"time\":\"");
         clock.write(out, self.time);
-        out.push_str("\",\"request_id\":");
+        out.extend_from_slice(b"\",\"request_id\":");
         push_json_str(out, request_id);
-        out.push_str(",\"client\":\"");
+        out.extend_from_slice(b",\"client\":\"");
         match self.forwarded_client {
             Some(ip) => push_ip(out, ip),
             None => push_socket_addr(out, self.client),
         }
-        out.push_str("\",");
+        out.extend_from_slice(b"\",");
         if self.forwarded_client.is_some() {
-            out.push_str("\"peer\":\"");
+            out.extend_from_slice(b"\"peer\":\"");
             push_socket_addr(out, self.client);
-            out.push_str("\",");
+            out.extend_from_slice(b"\",");
         }
-        out.push_str("\"method\":");
+        out.extend_from_slice(b"\"method\":");
         push_json_str(out, self.method.as_str());
-        out.push_str(",\"path\":");
+        out.extend_from_slice(b",\"path\":");
         push_json_str(out, self.path());
         // Method "-" marks a head hyper refused: there is no raw path to show.
         if self.normalized.is_some() && self.method.as_str() != "-" {
-            out.push_str(",\"raw_path\":");
+            out.extend_from_slice(b",\"raw_path\":");
             push_json_str(out, self.uri.path());
         }
-        out.push_str(",\"host\":");
+        out.extend_from_slice(b",\"host\":");
         json_opt(out, text_of(&self.host));
-        out.push_str(",\"user_agent\":");
+        out.extend_from_slice(b",\"user_agent\":");
         json_opt(out, text_of(&self.user_agent));
-        out.push_str(",\"route\":");
+        out.extend_from_slice(b",\"route\":");
         json_opt(out, self.route.as_deref());
-        out.push_str(",\"status\":");
+        out.extend_from_slice(b",\"status\":");
         push_u64(out, u64::from(self.status));
-        out.push_str(",\"duration_ms\":");
+        out.extend_from_slice(b",\"duration_ms\":");
         push_fixed3(out, ms);
-        out.push_str(",\"bytes\":");
+        out.extend_from_slice(b",\"bytes\":");
         push_u64(out, self.bytes);
-        out.push_str(",\"key_id\":");
+        out.extend_from_slice(b",\"key_id\":");
         json_opt(out, text_of(&self.key_id));
-        out.push_str(",\"service_account\":");
+        out.extend_from_slice(b",\"service_account\":");
         json_opt(out, text_of(&self.service_account));
-        out.push_str(",\"auth\":\"");
-        out.push_str(self.auth.as_str());
-        out.push_str("\",\"upstream_status\":");
+        out.extend_from_slice(b",\"auth\":\"");
+        out.extend_from_slice(self.auth.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"upstream_status\":");
         json_num(out, self.upstream_status);
-        out.push_str(",\"upstream\":");
+        out.extend_from_slice(b",\"upstream\":");
         json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
-        out.push_str(",\"upstream_ms\":");
+        out.extend_from_slice(b",\"upstream_ms\":");
         match self.upstream_ms {
             Some(ms) => push_fixed3(out, ms),
-            None => out.push_str("null"),
+            None => out.extend_from_slice(b"null"),
         }
-        out.push_str(",\"error\":");
+        out.extend_from_slice(b",\"error\":");
         json_opt(out, self.error);
-        out.push_str(",\"grpc_status\":");
+        out.extend_from_slice(b",\"grpc_status\":");
         json_num(out, self.grpc_status);
-        out.push('}');
+        out.push(b'}');
     }
 
-    fn text_into(&self, clock: &mut Clock, out: &mut String, ms: f64, request_id: &str) {
+    fn text_into(&self, clock: &mut Clock, out: &mut Vec<u8>, ms: f64, request_id: &str) {
         clock.write(out, self.time);
         let _ = write!(
             out,
@@ -247,7 +246,7 @@ impl Entry {
             Some(s) => {
                 let _ = write!(out, "{s}");
             }
-            None => out.push('-'),
+            None => out.push(b'-'),
         }
         if self.normalized.is_some() {
             let _ = write!(out, " raw_path={}", self.uri.path().escape_debug());
@@ -263,7 +262,7 @@ impl Entry {
             Some(ms) => {
                 let _ = write!(out, "{ms:.3}");
             }
-            None => out.push('-'),
+            None => out.push(b'-'),
         }
         let _ = write!(out, " error={}", self.error.unwrap_or("-"));
         if let Some(g) = self.grpc_status {
@@ -274,9 +273,9 @@ impl Entry {
     /// Formats the line (no trailing newline); the writer thread reuses a buffer instead.
     #[cfg(test)]
     pub fn format(&self, format: LogFormat) -> String {
-        let mut out = String::with_capacity(320);
+        let mut out = Vec::with_capacity(320);
         self.format_into(format, &mut Clock::default(), &mut out);
-        out
+        String::from_utf8(out).unwrap()
     }
 }
 
@@ -310,7 +309,7 @@ fn write_lines(rx: Receiver<(Entry, LogFormat)>, queued: &AtomicUsize) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut clock = Clock::default();
-    let mut line = String::with_capacity(512);
+    let mut line = Vec::with_capacity(512);
     loop {
         // Drain in batches and sleep between them: a writer blocked in recv() would have to be
         // woken (a futex call) for every request under load.
@@ -321,8 +320,8 @@ fn write_lines(rx: Receiver<(Entry, LogFormat)>, queued: &AtomicUsize) {
                     queued.fetch_sub(1, Ordering::Relaxed);
                     line.clear();
                     entry.format_into(format, &mut clock, &mut line);
-                    line.push('\n');
-                    let _ = out.write_all(line.as_bytes());
+                    line.push(b'\n');
+                    let _ = out.write_all(&line);
                     wrote = true;
                 }
                 Err(TryRecvError::Empty) => break,

@@ -2,43 +2,60 @@
 //! buffer: the writer thread formats a line per request, and `core::fmt` cost it several times
 //! what these do (a fifth of keygate's instructions per request went to the access log).
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `n` in decimal.
-pub(super) fn push_u64(out: &mut String, n: u64) {
+pub(super) fn push_u64(out: &mut Vec<u8>, n: u64) {
     push_padded(out, n, 1);
 }
 
+/// Two decimal digits for every value below 100, so a number takes one division per pair.
+const PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
 /// Appends `n` in decimal with at least `width` digits (leading zeros), as `{n:0width$}`.
-pub(super) fn push_padded(out: &mut String, mut n: u64, width: usize) {
+pub(super) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
     // Octets, statuses' digits and small counts: most numbers in a line are one digit.
     if n < 10 && width <= 1 {
-        out.push(char::from(b'0' + n as u8));
+        out.push(b'0' + n as u8);
         return;
     }
     let mut buf = [b'0'; 20];
     let mut i = buf.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        buf[i] = b'0' + n as u8;
     }
     let start = i.min(buf.len().saturating_sub(width));
-    // Digits are ASCII: pushing them as chars skips a UTF-8 check per number.
-    out.extend(buf[start..].iter().map(|&d| char::from(d)));
+    out.extend_from_slice(&buf[start..]);
 }
 
 /// Appends `v` with three decimals, exactly as `{v:.3}` does.
 ///
 /// The fast path rounds `v * 1000`; that agrees with `{:.3}`'s exact decimal rounding unless
 /// the product sits within a rounding error of a tie, which goes through `core::fmt`.
-pub(super) fn push_fixed3(out: &mut String, v: f64) {
+pub(super) fn push_fixed3(out: &mut Vec<u8>, v: f64) {
     let scaled = v * 1000.0;
     let near_tie = (scaled - scaled.floor() - 0.5).abs() < 1e-6;
     if !(v.is_finite() && v >= 0.0 && scaled < 1e15) || near_tie {
@@ -47,21 +64,21 @@ pub(super) fn push_fixed3(out: &mut String, v: f64) {
     }
     let thousandths = scaled.round() as u64;
     push_u64(out, thousandths / 1000);
-    out.push('.');
+    out.push(b'.');
     push_padded(out, thousandths % 1000, 3);
 }
 
-fn push_ipv4(out: &mut String, ip: Ipv4Addr) {
+fn push_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            out.push(b'.');
         }
         push_u64(out, u64::from(octet));
     }
 }
 
 /// Appends an address as its `Display` does.
-pub(super) fn push_ip(out: &mut String, ip: IpAddr) {
+pub(super) fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => push_ipv4(out, v4),
         IpAddr::V6(_) => {
@@ -71,11 +88,11 @@ pub(super) fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// Appends a socket address as its `Display` does.
-pub(super) fn push_socket_addr(out: &mut String, addr: SocketAddr) {
+pub(super) fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(a) => {
             push_ipv4(out, *a.ip());
-            out.push(':');
+            out.push(b':');
             push_u64(out, u64::from(a.port()));
         }
         SocketAddr::V6(_) => {
@@ -86,8 +103,8 @@ pub(super) fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 
 /// Appends `s` as a JSON string literal: quotes, backslashes and control characters escaped,
 /// everything else copied in runs.
-pub(super) fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
+pub(super) fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
     let mut i = 0;
@@ -107,22 +124,24 @@ pub(super) fn push_json_str(out: &mut String, s: &str) {
             i += 1;
             continue;
         }
-        // `b` is ASCII, so both cuts fall on character boundaries.
-        out.push_str(s.get(start..i).unwrap_or_default());
+        out.extend_from_slice(&bytes[start..i]);
         match b {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            _ => {
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
         }
         i += 1;
         start = i;
     }
-    out.push_str(s.get(start..).unwrap_or_default());
-    out.push('"');
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// True when one of the eight bytes in `w` is a quote, a backslash, a control character or
@@ -144,10 +163,10 @@ fn needs_escape(w: u64) -> bool {
 mod tests {
     use super::*;
 
-    fn spelled(f: impl Fn(&mut String)) -> String {
-        let mut s = String::new();
+    fn spelled(f: impl Fn(&mut Vec<u8>)) -> String {
+        let mut s = Vec::new();
         f(&mut s);
-        s
+        String::from_utf8(s).unwrap()
     }
 
     #[test]
