@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{Method, Uri};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -23,8 +23,27 @@ use crate::proxy::observe::ConnState;
 use crate::proxy::pipeline::{handle, Conn, Gateway};
 use crate::wire::headers;
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// Spawns hyper's HTTP/2 stream tasks with the request future boxed.
+///
+/// A stream's task holds `handle`'s whole future (about 5 KB), and tokio moves a task's
+/// future several times while spawning and completing it: boxed, those moves copy a pointer.
+/// One allocation replaces about 3,000 instructions of copying per h2 request; HTTP/1.1
+/// requests run inside the connection's task and never come here.
+#[derive(Clone, Copy)]
+struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
+    let mut b = auto::Builder::new(StreamExecutor);
     // hyper's own cap is a backstop; the exact limit is checked per request with a JSON 431.
     let buf = usize::try_from(limits.max_header_bytes)
         .unwrap_or(usize::MAX)
@@ -66,12 +85,12 @@ pub fn worker_count() -> usize {
 
 thread_local! {
     /// This thread's connection builder, with the generation of the config it came from.
-    static BUILDER: std::cell::RefCell<Option<(u64, Arc<auto::Builder<TokioExecutor>>)>> =
+    static BUILDER: std::cell::RefCell<Option<(u64, Arc<auto::Builder<StreamExecutor>>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// The connection builder for the current config, so changed limits apply to new connections.
-fn local_builder(config: &crate::config::Config) -> Arc<auto::Builder<TokioExecutor>> {
+fn local_builder(config: &crate::config::Config) -> Arc<auto::Builder<StreamExecutor>> {
     BUILDER.with(|cell| {
         let mut slot = cell.borrow_mut();
         if let Some((generation, b)) = slot.as_ref() {
@@ -271,7 +290,7 @@ async fn serve_conn<I>(
     gw: Arc<Gateway>,
     io: I,
     conn: Conn,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<StreamExecutor>,
     mut stop: watch::Receiver<bool>,
     limits: &Limits,
 ) where
