@@ -7,7 +7,8 @@
 #
 # Each reload adds one key; it counts as seen when that key first gets a 200. wrk keeps
 # running during the reloads, so in-flight requests hold old snapshots as they do in
-# production. The access log stays on (JSON to stdout, sent to /dev/null). KEYGATE_BIN=path
+# production. The access log stays on (JSON to stdout, sent to /dev/null; STALLED_LOG=1 sends
+# it to a pipe nobody reads instead, to see what a full log queue holds). KEYGATE_BIN=path
 # measures another binary with the same script. Needs: wrk, nginx (installed with apt-get
 # when missing), python3, curl.
 set -euo pipefail
@@ -93,7 +94,15 @@ seen() {
 status() { awk -v f="$2" '$1 == f":" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
 t0=$(now)
-"$BIN" serve --config "$work/keygate.yaml" >/dev/null 2>"$work/keygate.err" & pids+=($!)
+# STALLED_LOG=1: the access log goes to a pipe nobody reads (a log shipper that stopped), so
+# the writer blocks and the queue fills to its cap; what each queued entry holds shows in RSS.
+log_to=/dev/null
+if [ "${STALLED_LOG:-0}" = 1 ]; then
+  mkfifo "$work/log.fifo"
+  sleep 600 <"$work/log.fifo" & pids+=($!)
+  log_to=$work/log.fifo
+fi
+"$BIN" serve --config "$work/keygate.yaml" >"$log_to" 2>"$work/keygate.err" & pids+=($!)
 KG_PID=$!
 first=$(seen bench-key-1 "$t0")
 echo "start: first 200 after ${first} s; RSS $(status $KG_PID VmRSS) MiB, peak $(status $KG_PID VmHWM) MiB"

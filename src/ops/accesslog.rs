@@ -9,13 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
 
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method};
 
 use crate::config::LogFormat;
 use crate::ops::metrics::AuthOutcome;
 use spell::{push_fixed3, push_ip, push_json_str, push_padded, push_socket_addr, push_u64};
 
+mod head;
 mod spell;
+
+pub use head::HeadText;
 
 /// Entries buffered before new ones are dropped (and counted).
 const QUEUE: usize = 16 * 1024;
@@ -51,22 +54,16 @@ impl std::fmt::Display for ClientText {
 pub struct Entry {
     /// When the request arrived.
     pub time: SystemTime,
-    /// Request id (kept or generated).
-    pub request_id: HeaderValue,
+    /// Request id, raw path, `Host` and `User-Agent`.
+    pub head: HeadText,
     /// Client address.
     pub client: SocketAddr,
     /// The client behind a trusted proxy, logged as `client` in the peer's place.
     pub forwarded_client: Option<std::net::IpAddr>,
     /// Method.
     pub method: Method,
-    /// Target as received; only its path is logged (queries can carry secrets).
-    pub uri: Uri,
     /// The normalized path routing used, when it differs from the raw one.
     pub normalized: Option<Box<str>>,
-    /// `Host` (or the absolute-form authority) the client sent.
-    pub host: Option<HeaderValue>,
-    /// `User-Agent` the client sent.
-    pub user_agent: Option<HeaderValue>,
     /// The route's upstream, when the request was forwarded.
     pub upstream: Option<http::uri::Authority>,
     /// Milliseconds from sending upstream to the upstream's response head.
@@ -145,13 +142,13 @@ impl Clock {
 impl Entry {
     /// The path routing used: normalized, never with the query.
     fn path(&self) -> &str {
-        self.normalized.as_deref().unwrap_or(self.uri.path())
+        self.normalized.as_deref().unwrap_or(self.head.path())
     }
 
     /// Appends the line (no trailing newline) to `out`.
     pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut Vec<u8>) {
         let ms = self.duration * 1000.0;
-        let request_id = self.request_id.to_str().unwrap_or("-");
+        let request_id = self.head.request_id();
         match format {
             LogFormat::Json => self.json_into(clock, out, ms, request_id),
             LogFormat::Text => self.text_into(clock, out, ms, request_id),
@@ -189,12 +186,12 @@ impl Entry {
         // Method "-" marks a head hyper refused: there is no raw path to show.
         if self.normalized.is_some() && self.method.as_str() != "-" {
             out.extend_from_slice(b",\"raw_path\":");
-            push_json_str(out, self.uri.path());
+            push_json_str(out, self.head.path());
         }
         out.extend_from_slice(b",\"host\":");
-        json_opt(out, text_of(&self.host));
+        json_opt(out, self.head.host());
         out.extend_from_slice(b",\"user_agent\":");
-        json_opt(out, text_of(&self.user_agent));
+        json_opt(out, self.head.user_agent());
         out.extend_from_slice(b",\"route\":");
         json_opt(out, self.route.as_deref());
         out.extend_from_slice(b",\"status\":");
@@ -249,13 +246,13 @@ impl Entry {
             None => out.push(b'-'),
         }
         if self.normalized.is_some() {
-            let _ = write!(out, " raw_path={}", self.uri.path().escape_debug());
+            let _ = write!(out, " raw_path={}", self.head.path().escape_debug());
         }
         let _ = write!(
             out,
             " host={} ua=\"{}\" upstream_addr={} upstream_ms=",
-            text_of(&self.host).unwrap_or("-").escape_debug(),
-            text_of(&self.user_agent).unwrap_or("-").escape_debug(),
+            self.head.host().unwrap_or("-").escape_debug(),
+            self.head.user_agent().unwrap_or("-").escape_debug(),
             self.upstream.as_ref().map_or("-", |a| a.as_str()),
         );
         match self.upstream_ms {
@@ -345,11 +342,15 @@ mod tests {
     fn entry() -> Entry {
         Entry {
             time: std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_450_000_123_456),
-            request_id: HeaderValue::from_static("id-\"1\\"),
+            head: HeadText::new(
+                &HeaderValue::from_static("id-\"1\\"),
+                "/a%22b/c",
+                Some(&HeaderValue::from_static("api.example.com")),
+                None,
+            ),
             client: "127.0.0.1:5000".parse().unwrap(),
             forwarded_client: None,
             method: Method::GET,
-            uri: "/a%22b/c?secret=1".parse().unwrap(),
             route: Some("api\u{1}".into()),
             status: 200,
             duration: 0.0012345,
@@ -359,8 +360,6 @@ mod tests {
             auth: AuthOutcome::Allowed,
             upstream_status: None,
             normalized: None,
-            host: Some(HeaderValue::from_static("api.example.com")),
-            user_agent: None,
             upstream: None,
             upstream_ms: None,
             error: Some("refused"),
@@ -372,7 +371,12 @@ mod tests {
     fn normalized_path_is_logged_with_the_raw_one_beside_it() {
         let mut e = entry();
         e.normalized = Some("/postbox/x".into());
-        e.uri = "/health/../postbox/x?q=secret".parse().unwrap();
+        e.head = HeadText::new(
+            &HeaderValue::from_static("id-\"1\\"),
+            "/health/../postbox/x",
+            Some(&HeaderValue::from_static("api.example.com")),
+            None,
+        );
         e.upstream = Some(http::uri::Authority::from_static("127.0.0.1:9001"));
         e.upstream_ms = Some(1.5);
         e.grpc_status = Some(14);

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{Method, Uri};
+use http::Method;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Limits;
-use crate::ops::accesslog::Entry;
+use crate::ops::accesslog::{Entry, HeadText};
 use crate::ops::metrics::AuthOutcome;
 use crate::proxy::conn::{ConnHold, TrackedIo, Verdict, Watchdog};
 use crate::proxy::observe::ConnState;
@@ -354,11 +354,10 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         .count_request(&gw.metrics.unrouted, status, AuthOutcome::NotChecked);
     let entry = Entry {
         time: SystemTime::now(),
-        request_id: headers::new_request_id(),
+        head: HeadText::new(&headers::new_request_id(), "/", None, None),
         client: peer,
         forwarded_client: None,
         method: Method::from_bytes(b"-").unwrap_or_default(),
-        uri: Uri::default(),
         route: None,
         status,
         duration: 0.0,
@@ -368,8 +367,6 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         auth: AuthOutcome::NotChecked,
         upstream_status: None,
         normalized: Some("-".into()),
-        host: None,
-        user_agent: None,
         upstream: None,
         upstream_ms: None,
         error: Some("bad_request_head"),

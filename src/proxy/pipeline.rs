@@ -10,14 +10,14 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::HOST;
-use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::config::routes::{host_without_port, Preflight, Route};
 use crate::config::Config;
 use crate::control::snapshot::Snapshot;
-use crate::ops::accesslog::{AccessLog, Entry};
+use crate::ops::accesslog::{AccessLog, Entry, HeadText};
 use crate::ops::metrics::{AuthOutcome, Metrics};
 use crate::proxy::authorize::{self, AuthError, Permit};
 use crate::proxy::credential::{self, Credential};
@@ -99,9 +99,8 @@ struct Pending {
     arrived: SystemTime,
     request_id: HeaderValue,
     method: Method,
-    uri: Uri,
-    host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
+    /// Copied at arrival, so a queued log entry pins none of the connection's buffers.
+    head: HeadText,
     grpc: bool,
     trace: Trace,
     answered: bool,
@@ -136,14 +135,13 @@ impl Pending {
             .map(|r| r.name.clone());
         Entry {
             time: self.arrived,
-            request_id: self.request_id.clone(),
+            head: std::mem::take(&mut self.head),
             client: self.peer,
             forwarded_client: self
                 .trace
                 .client
                 .filter(|ip| *ip != crate::wire::client::canonical(self.peer.ip())),
             method: std::mem::replace(&mut self.method, Method::GET),
-            uri: std::mem::take(&mut self.uri),
             route,
             status,
             duration: 0.0,
@@ -153,8 +151,6 @@ impl Pending {
             auth: outcome,
             upstream_status,
             normalized: self.trace.normalized.take(),
-            host: self.host.take(),
-            user_agent: self.user_agent.take(),
             upstream: self.trace.upstream.take(),
             upstream_ms: self.trace.upstream_ms,
             error,
@@ -247,6 +243,12 @@ pub(crate) async fn handle(
     let snapshot = gateway.snapshot.load_full();
     let grpc = error::is_grpc(req.headers());
     let request_id = headers::ensure_request_id(req.headers_mut());
+    let head = HeadText::new(
+        &request_id,
+        req.uri().path(),
+        req.headers().get(HOST),
+        req.headers().get(http::header::USER_AGENT),
+    );
     let mut pending = Pending {
         gateway,
         snapshot,
@@ -256,9 +258,7 @@ pub(crate) async fn handle(
         arrived,
         request_id,
         method: req.method().clone(),
-        uri: req.uri().clone(),
-        host: req.headers().get(HOST).cloned(),
-        user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+        head,
         grpc,
         trace: Trace::default(),
         answered: false,
