@@ -4,6 +4,7 @@
 # to A/B two builds; read CPU-per-request ratios from benches/compare.sh.
 #
 #   benches/instructions.sh [seconds] [BIN ...]     (default: 8 s, target/release/keygate)
+#   H2=1 benches/instructions.sh ...                  h2c downstream instead (h2load)
 #
 # Each binary (and HAProxy doing the same SHA-256 map check, when installed; HAPROXY=0 skips)
 # runs under callgrind in front of one nginx upstream answering a tiny 200, with 1,000 keys and
@@ -12,7 +13,9 @@
 # instructions per request (all threads; kernel time is not counted, and it is the same four
 # socket syscalls per request for every proxy). Under valgrind SHA-256 runs its portable code
 # (valgrind hides SHA-NI), which costs keygate about 3,500 instructions a request that real
-# hardware does not spend.
+# hardware does not spend. H2=1 drives h2c with prior knowledge instead: h2load -c16 -m10 with
+# one of the keys (h2load sends fixed headers), HAProxy bound with `proto h2`; the upstream
+# stays HTTP/1.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
@@ -27,6 +30,8 @@ command -v valgrind >/dev/null || missing+=(valgrind)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v curl >/dev/null || missing+=(curl)
+H2=${H2:-0}
+[ "$H2" = 0 ] || command -v h2load >/dev/null || missing+=(nghttp2-client)
 if ((${#missing[@]})); then
   apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
     { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
@@ -53,6 +58,15 @@ http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' & pids+=($!)
 
+load() { # seconds
+  if [ "$H2" = 0 ]; then
+    wrk -t1 -c16 -d"$1s" -s benches/compare/cycle.lua "http://127.0.0.1:$PX/api/x" -- "$work/k/keys.txt"
+  else
+    h2load -c16 -m10 -D "$1" -H "authorization: Api-Key $(head -1 "$work/k/keys.txt")" \
+      "http://127.0.0.1:$PX/api/x"
+  fi
+}
+
 measure() { # name command...
   local name=$1 vp n ir out
   shift
@@ -65,15 +79,21 @@ measure() { # name command...
     curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$PX/" && break
     sleep 0.2
   done
-  wrk -t1 -c16 -d2s -s benches/compare/cycle.lua "http://127.0.0.1:$PX/api/x" -- "$work/k/keys.txt" >/dev/null 2>&1
+  load 2 >/dev/null 2>&1
   callgrind_control -z "$vp" >/dev/null
-  out=$(wrk -t1 -c16 -d"${SECS}s" -s benches/compare/cycle.lua "http://127.0.0.1:$PX/api/x" -- "$work/k/keys.txt" 2>&1)
+  out=$(load "$SECS" 2>&1)
   callgrind_control -d "$vp" >/dev/null
   kill "$vp" 2>/dev/null || true
   wait "$vp" 2>/dev/null || true
-  n=$(awk '/requests in/{print $1}' <<<"$out")
-  if grep -q "Non-2xx" <<<"$out"; then
-    echo "$name: non-2xx answers, not measured: $(grep Non-2xx <<<"$out")" >&2
+  if [ "$H2" = 0 ]; then
+    n=$(awk '/requests in/{print $1}' <<<"$out")
+    bad=$(grep "Non-2xx" <<<"$out" || true)
+  else
+    n=$(awk '/^requests:/{print $4}' <<<"$out")
+    bad=$(grep -q " 0 4xx, 0 5xx" <<<"$out" || grep "^status codes" <<<"$out")
+  fi
+  if [ -n "$bad" ]; then
+    echo "$name: non-2xx answers, not measured: $bad" >&2
     return 1
   fi
   # The dump taken after zeroing is the file with part number 1.
@@ -106,7 +126,7 @@ defaults
   timeout server 30s
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$PX
+  bind 127.0.0.1:$PX$([ "$H2" = 0 ] || echo ' proto h2')
   http-request set-var(txn.key_id) req.fhdr(authorization),word(2,' '),sha2(256),hex,lower,map($work/k/haproxy.map) if { req.fhdr(authorization),word(1,' ') -m str Api-Key }
   http-request deny deny_status 401 unless { var(txn.key_id) -m found }
   http-request del-header authorization
