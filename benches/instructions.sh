@@ -15,7 +15,7 @@
 # (valgrind hides SHA-NI), which costs keygate about 3,500 instructions a request that real
 # hardware does not spend. H2=1 drives h2c with prior knowledge instead: h2load -c16 -m10 with
 # one of the keys (h2load sends fixed headers), HAProxy bound with `proto h2`; the upstream
-# stays HTTP/1.1.
+# stays HTTP/1.1. CG_KEEP=dir keeps each callgrind dump there, for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
@@ -98,6 +98,9 @@ measure() { # name command...
   fi
   # The dump taken after zeroing is the file with part number 1.
   ir=$(awk '/^(summary|totals):/{print $2; exit}' "$work"/cg.*.1)
+  if [ -n "${CG_KEEP:-}" ]; then
+    mkdir -p "$CG_KEEP" && cp "$work"/cg.*.1 "$CG_KEEP/$(tr -c 'A-Za-z0-9.\n' _ <<<"$name").cg"
+  fi
   printf '%-40s requests %7d   instructions/request %8.0f\n' "$name" "$n" "$(python3 -c "print($ir / $n)")"
 }
 

@@ -60,21 +60,42 @@ pub fn is_reserved(name: &HeaderName) -> bool {
         .contains(&name)
 }
 
+/// [`hop_bit`]'s answer for `TE`, which follows [`HOP_BY_HOP`]'s indices.
+const TE_BIT: usize = HOP_BY_HOP.len();
+
+/// `name`'s index in [`HOP_BY_HOP`], or [`TE_BIT`] for `TE`: one string match per name, where
+/// comparing against each entry cost about nine `HeaderName` comparisons for every field of
+/// every request and response.
+fn hop_bit(name: &HeaderName) -> Option<usize> {
+    let i = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "http2-settings" => 7,
+        "te" => TE_BIT,
+        _ => return None,
+    };
+    debug_assert!(i == TE_BIT || HOP_BY_HOP[i] == name);
+    Some(i)
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 ///
 /// `TE: trailers` survives on requests because gRPC servers refuse calls without it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     // One pass over the names finds what is there: most messages carry no hop-by-hop field
     // or only `Connection`, and every blind remove would hash a name.
-    let mut present = 0u8;
-    let mut te = false;
+    let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+        if let Some(i) = hop_bit(name) {
             present |= 1 << i;
-        } else if name == header::TE {
-            te = true;
         }
     }
+    let te = present & (1 << TE_BIT) != 0;
     if present & 1 != 0 {
         // The names `Connection` lists, matched against the fields present (names are
         // lowercase, tokens any case); what the gateway itself sets is not removable.
@@ -184,18 +205,29 @@ pub fn set_forwarded(
 ) {
     let mut ip_buf = [0u8; 64];
     let ip = format_ip(peer, &mut ip_buf);
-    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.is_empty() && headers.get_all(&X_FORWARDED_FOR).iter().count() == 1 => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ip);
-            HeaderValue::from_bytes(&v)
+    // One lookup: this runs for every forwarded request.
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            let mut values = e.iter();
+            let xff = match (values.next().map(HeaderValue::as_bytes), values.next()) {
+                (Some(prev), None) if !prev.is_empty() => {
+                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                    v.extend_from_slice(prev);
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(ip);
+                    HeaderValue::from_bytes(&v)
+                }
+                _ => HeaderValue::from_bytes(ip),
+            };
+            if let Ok(v) = xff {
+                e.insert(v);
+            }
         }
-        _ => HeaderValue::from_bytes(ip),
-    };
-    if let Ok(v) = xff {
-        headers.insert(&X_FORWARDED_FOR, v);
+        header::Entry::Vacant(e) => {
+            if let Ok(v) = HeaderValue::from_bytes(ip) {
+                e.insert(v);
+            }
+        }
     }
     let single = |h: &HeaderMap, name: &HeaderName| h.get_all(name).iter().count() == 1;
     if !(keep_incoming && single(headers, &X_FORWARDED_PROTO)) {
@@ -248,24 +280,35 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// Keeps a client's `X-Request-Id` when it is sane, else generates one; returns the value.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(v), None) = (ids.next(), ids.next()) {
-        let ok =
-            !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-        if ok {
-            return v.clone();
+    // One lookup whether the id is kept, replaced or added.
+    match headers.entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(mut e) => {
+            let mut ids = e.iter();
+            if let (Some(v), None) = (ids.next(), ids.next()) {
+                let ok = !v.is_empty()
+                    && v.len() <= 200
+                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+                if ok {
+                    return v.clone();
+                }
+            }
+            let id = new_request_id();
+            e.insert(id.clone());
+            id
+        }
+        header::Entry::Vacant(e) => {
+            let id = new_request_id();
+            e.insert(id.clone());
+            id
         }
     }
-    let id = new_request_id();
-    headers.insert(&X_REQUEST_ID, id.clone());
-    id
 }
 
 /// A unique request id: a random per-process prefix and a counter, as 32 hex digits.
 pub fn new_request_id() -> HeaderValue {
-    static SEED: OnceLock<u64> = OnceLock::new();
+    static PREFIX: OnceLock<[u8; 16]> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
+    let prefix = PREFIX.get_or_init(|| {
         let mut b = [0u8; 8];
         // Uniqueness, not secrecy, is needed; fall back to the clock if the OS RNG fails.
         if getrandom::fill(&mut b).is_err() {
@@ -275,21 +318,29 @@ pub fn new_request_id() -> HeaderValue {
                 .unwrap_or(0);
             b = now.to_le_bytes();
         }
-        u64::from_le_bytes(b)
+        let mut hex = [0u8; 16];
+        hex_into(&mut hex, u64::from_le_bytes(b));
+        hex
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut buf = [0u8; 32];
-    let hex = b"0123456789abcdef";
-    for (i, byte) in seed
-        .to_be_bytes()
-        .iter()
-        .chain(n.to_be_bytes().iter())
-        .enumerate()
-    {
-        buf[2 * i] = hex[usize::from(byte >> 4)];
-        buf[2 * i + 1] = hex[usize::from(byte & 0xf)];
+    buf[..16].copy_from_slice(prefix);
+    let (_, counter) = buf.split_at_mut(16);
+    if let Ok(counter) = <&mut [u8; 16]>::try_from(counter) {
+        hex_into(counter, COUNTER.fetch_add(1, Ordering::Relaxed));
     }
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    // Owned by its `Bytes` from the start: the id is cloned into the request, the response
+    // and the log, and a copied slice would be reallocated as shared on the first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Writes `n` as 16 lowercase hex digits.
+fn hex_into(out: &mut [u8; 16], n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in n.to_be_bytes().iter().enumerate() {
+        out[2 * i] = HEX[usize::from(byte >> 4)];
+        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
 }
 
 #[cfg(test)]
@@ -332,6 +383,23 @@ mod tests {
         let mut resp = map(&[("te", "trailers"), ("server", "s")]);
         strip_hop_by_hop(&mut resp, false);
         assert!(!resp.contains_key("te") && resp.contains_key("server"));
+    }
+
+    #[test]
+    fn hop_bit_names_each_hop_by_hop_field_and_te_only() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_bit(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_bit(&header::TE), Some(TE_BIT));
+        for other in [
+            "user-agent",
+            "content-length",
+            "trailer",
+            "host",
+            "x-connection",
+        ] {
+            assert_eq!(hop_bit(&HeaderName::from_static(other)), None, "{other}");
+        }
     }
 
     #[test]
@@ -461,7 +529,26 @@ mod tests {
         let mut m = HeaderMap::new();
         let a = ensure_request_id(&mut m);
         assert_eq!(a.len(), 32);
-        assert_ne!(a, new_request_id());
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_eq!(m.get("x-request-id"), Some(&a));
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(
+            a.as_bytes()[..16],
+            b.as_bytes()[..16],
+            "one prefix per process"
+        );
+        // Two ids, or one that is not visible ASCII, give way to one fresh id.
+        for bad in [
+            &[("x-request-id", "a"), ("x-request-id", "b")][..],
+            &[("x-request-id", "a b")],
+        ] {
+            let mut m = map(bad);
+            let id = ensure_request_id(&mut m);
+            assert_eq!(id.len(), 32);
+            let all: Vec<_> = m.get_all("x-request-id").iter().collect();
+            assert_eq!(all, [&id]);
+        }
     }
 
     #[test]
