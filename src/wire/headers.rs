@@ -279,18 +279,28 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 }
 
 /// Keeps a client's `X-Request-Id` when it is sane, else generates one; returns the value.
+///
+/// The value is marked sensitive, which HTTP/2 encodes as "never indexed": an id is unique
+/// per request, so an HPACK table would only fill with ids, evict the fields that do repeat,
+/// and make h2's encoder compare each new id with every one it holds (about 5,000
+/// instructions a response here).
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     // One lookup whether the id is kept, replaced or added.
     match headers.entry(&X_REQUEST_ID) {
         header::Entry::Occupied(mut e) => {
             let mut ids = e.iter();
-            if let (Some(v), None) = (ids.next(), ids.next()) {
-                let ok = !v.is_empty()
-                    && v.len() <= 200
-                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-                if ok {
-                    return v.clone();
+            let keep = match (ids.next(), ids.next()) {
+                (Some(v), None) => {
+                    !v.is_empty()
+                        && v.len() <= 200
+                        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
                 }
+                _ => false,
+            };
+            if keep {
+                let v = e.get_mut();
+                v.set_sensitive(true);
+                return v.clone();
             }
             let id = new_request_id();
             e.insert(id.clone());
@@ -330,8 +340,10 @@ pub fn new_request_id() -> HeaderValue {
     }
     // Owned by its `Bytes` from the start: the id is cloned into the request, the response
     // and the log, and a copied slice would be reallocated as shared on the first clone.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-        .unwrap_or(HeaderValue::from_static("0"))
+    let mut id = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or(HeaderValue::from_static("0"));
+    id.set_sensitive(true);
+    id
 }
 
 /// Writes `n` as 16 lowercase hex digits.
@@ -526,9 +538,11 @@ mod tests {
     fn request_id_kept_or_generated() {
         let mut m = map(&[("x-request-id", "abc-1")]);
         assert_eq!(ensure_request_id(&mut m), "abc-1");
+        assert!(m.get("x-request-id").is_some_and(HeaderValue::is_sensitive));
         let mut m = HeaderMap::new();
         let a = ensure_request_id(&mut m);
         assert_eq!(a.len(), 32);
+        assert!(a.is_sensitive(), "never indexed in HPACK");
         assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
         assert_eq!(m.get("x-request-id"), Some(&a));
         let b = new_request_id();
