@@ -29,9 +29,13 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 ///
 /// The queue is a linked list of small blocks allocated as entries arrive, bounded by a
 /// count: a preallocated ring of [`QUEUE`] entries would keep megabytes resident at idle.
+///
+/// Entries travel boxed: the list allocates its blocks zeroed, 31 slots at a time, and a
+/// slot holding a whole entry made each block about 9 KB to clear and every send and receive
+/// a 300-byte copy (about 900 instructions a request, against one small allocation).
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Sender<(Entry, LogFormat)>,
+    tx: Sender<(Box<Entry>, LogFormat)>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -291,7 +295,7 @@ impl AccessLog {
 
     /// Queues an entry; formatting happens on the writer thread. False when the queue is
     /// full and the entry was dropped.
-    pub fn send(&self, entry: Entry, format: LogFormat) -> bool {
+    pub fn send(&self, entry: Box<Entry>, format: LogFormat) -> bool {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return false;
@@ -302,7 +306,7 @@ impl AccessLog {
     }
 }
 
-fn write_lines(rx: Receiver<(Entry, LogFormat)>, queued: &AtomicUsize) {
+fn write_lines(rx: Receiver<(Box<Entry>, LogFormat)>, queued: &AtomicUsize) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut clock = Clock::default();

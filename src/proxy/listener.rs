@@ -352,7 +352,7 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
     let snapshot = gw.snapshot.load();
     gw.metrics
         .count_request(&gw.metrics.unrouted, status, AuthOutcome::NotChecked);
-    let entry = Entry {
+    let entry = Box::new(Entry {
         time: SystemTime::now(),
         head: HeadText::new(&headers::new_request_id(), "/", None, None),
         client: peer,
@@ -371,7 +371,7 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         upstream_ms: None,
         error: Some("bad_request_head"),
         grpc_status: None,
-    };
+    });
     if !gw.access_log.send(entry, snapshot.config.log_format) {
         gw.metrics.access_log_dropped.increment(1);
     }

@@ -41,8 +41,9 @@ impl ConnState {
 
 /// Work to do when a response ends.
 pub struct Finish {
-    /// The access log line, completed with duration and bytes at the end.
-    pub entry: Entry,
+    /// The access log line, completed with duration and bytes at the end; boxed as the
+    /// log's queue carries it.
+    pub entry: Box<Entry>,
     /// When the request arrived.
     pub start: Instant,
     /// The route's duration histogram.

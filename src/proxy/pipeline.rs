@@ -123,7 +123,7 @@ impl Pending {
         status: u16,
         upstream_status: Option<u16>,
         error: Option<&'static str>,
-    ) -> Entry {
+    ) -> Box<Entry> {
         let outcome = self.trace.outcome.unwrap_or(AuthOutcome::NotChecked);
         self.gateway
             .metrics
@@ -133,7 +133,7 @@ impl Pending {
             .route
             .and_then(|i| self.snapshot.config.routes.get(i))
             .map(|r| r.name.clone());
-        Entry {
+        Box::new(Entry {
             time: self.arrived,
             head: std::mem::take(&mut self.head),
             client: self.peer,
@@ -155,7 +155,7 @@ impl Pending {
             upstream_ms: self.trace.upstream_ms,
             error,
             grpc_status: self.trace.grpc_status,
-        }
+        })
     }
 
     /// Records a refusal and builds its response; returns the upstream failure reason, if any.
