@@ -13,7 +13,7 @@ use http::{HeaderValue, Method};
 
 use crate::config::LogFormat;
 use crate::ops::metrics::AuthOutcome;
-use spell::{push_fixed3, push_ip, push_json_str, push_padded, push_socket_addr, push_u64};
+use spell::{push_ip, push_json_str, push_ms, push_padded, push_socket_addr, push_u64};
 
 mod head;
 mod spell;
@@ -70,8 +70,8 @@ pub struct Entry {
     pub normalized: Option<Box<str>>,
     /// The route's upstream, when the request was forwarded.
     pub upstream: Option<http::uri::Authority>,
-    /// Milliseconds from sending upstream to the upstream's response head.
-    pub upstream_ms: Option<f64>,
+    /// From sending upstream to the upstream's response head.
+    pub upstream_time: Option<Duration>,
     /// Why the upstream exchange failed (`refused`, `reset`, `timeout`, `tls`, ...).
     pub error: Option<&'static str>,
     /// gRPC status: ours, the upstream's trailer, or 1 (CANCELLED) for a client that left.
@@ -80,8 +80,8 @@ pub struct Entry {
     pub route: Option<std::sync::Arc<str>>,
     /// Status sent.
     pub status: u16,
-    /// Seconds from arrival to the end of the response body.
-    pub duration: f64,
+    /// From arrival to the end of the response body.
+    pub duration: Duration,
     /// Response body bytes sent.
     pub bytes: u64,
     /// Key id, when a key was accepted.
@@ -151,11 +151,10 @@ impl Entry {
 
     /// Appends the line (no trailing newline) to `out`.
     pub fn format_into(&self, format: LogFormat, clock: &mut Clock, out: &mut Vec<u8>) {
-        let ms = self.duration * 1000.0;
         let request_id = self.head.request_id();
         match format {
-            LogFormat::Json => self.json_into(clock, out, ms, request_id),
-            LogFormat::Text => self.text_into(clock, out, ms, request_id),
+            LogFormat::Json => self.json_into(clock, out, request_id),
+            LogFormat::Text => self.text_into(clock, out, request_id),
         }
     }
 
@@ -167,7 +166,7 @@ impl Entry {
         }
     }
 
-    fn json_into(&self, clock: &mut Clock, out: &mut Vec<u8>, ms: f64, request_id: &str) {
+    fn json_into(&self, clock: &mut Clock, out: &mut Vec<u8>, request_id: &str) {
         out.extend_from_slice(b"{\"time\":\"");
         clock.write(out, self.time);
         out.extend_from_slice(b"\",\"request_id\":");
@@ -201,7 +200,7 @@ impl Entry {
         out.extend_from_slice(b",\"status\":");
         push_u64(out, u64::from(self.status));
         out.extend_from_slice(b",\"duration_ms\":");
-        push_fixed3(out, ms);
+        push_ms(out, self.duration);
         out.extend_from_slice(b",\"bytes\":");
         push_u64(out, self.bytes);
         out.extend_from_slice(b",\"key_id\":");
@@ -215,8 +214,8 @@ impl Entry {
         out.extend_from_slice(b",\"upstream\":");
         json_opt(out, self.upstream.as_ref().map(|a| a.as_str()));
         out.extend_from_slice(b",\"upstream_ms\":");
-        match self.upstream_ms {
-            Some(ms) => push_fixed3(out, ms),
+        match self.upstream_time {
+            Some(t) => push_ms(out, t),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"error\":");
@@ -226,18 +225,22 @@ impl Entry {
         out.push(b'}');
     }
 
-    fn text_into(&self, clock: &mut Clock, out: &mut Vec<u8>, ms: f64, request_id: &str) {
+    fn text_into(&self, clock: &mut Clock, out: &mut Vec<u8>, request_id: &str) {
         clock.write(out, self.time);
         let _ = write!(
             out,
-            " {} {} \"{} {}\" {} {} {:.3}ms route={} key={} sa={} auth={} upstream=",
+            " {} {} \"{} {}\" {} {} ",
             request_id,
             self.client_text(),
             self.method,
             self.path().escape_debug(),
             self.status,
             self.bytes,
-            ms,
+        );
+        push_ms(out, self.duration);
+        let _ = write!(
+            out,
+            "ms route={} key={} sa={} auth={} upstream=",
             self.route.as_deref().unwrap_or("-"),
             text_of(&self.key_id).unwrap_or("-"),
             text_of(&self.service_account).unwrap_or("-"),
@@ -259,10 +262,8 @@ impl Entry {
             self.head.user_agent().unwrap_or("-").escape_debug(),
             self.upstream.as_ref().map_or("-", |a| a.as_str()),
         );
-        match self.upstream_ms {
-            Some(ms) => {
-                let _ = write!(out, "{ms:.3}");
-            }
+        match self.upstream_time {
+            Some(t) => push_ms(out, t),
             None => out.push(b'-'),
         }
         let _ = write!(out, " error={}", self.error.unwrap_or("-"));
@@ -357,7 +358,7 @@ mod tests {
             method: Method::GET,
             route: Some("api\u{1}".into()),
             status: 200,
-            duration: 0.0012345,
+            duration: Duration::from_nanos(1_234_400),
             bytes: 42,
             key_id: Some(HeaderValue::from_static("k1")),
             service_account: None,
@@ -365,7 +366,7 @@ mod tests {
             upstream_status: None,
             normalized: None,
             upstream: None,
-            upstream_ms: None,
+            upstream_time: None,
             error: Some("refused"),
             grpc_status: None,
         }
@@ -382,7 +383,7 @@ mod tests {
             None,
         );
         e.upstream = Some(http::uri::Authority::from_static("127.0.0.1:9001"));
-        e.upstream_ms = Some(1.5);
+        e.upstream_time = Some(Duration::from_micros(1500));
         e.grpc_status = Some(14);
         let v: serde_json::Value = serde_json::from_str(&e.format(LogFormat::Json)).unwrap();
         assert_eq!(v["path"], "/postbox/x");

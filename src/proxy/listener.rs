@@ -360,7 +360,7 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         method: Method::from_bytes(b"-").unwrap_or_default(),
         route: None,
         status,
-        duration: 0.0,
+        duration: std::time::Duration::ZERO,
         bytes: 0,
         key_id: None,
         service_account: None,
@@ -368,7 +368,7 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
         upstream_status: None,
         normalized: Some("-".into()),
         upstream: None,
-        upstream_ms: None,
+        upstream_time: None,
         error: Some("bad_request_head"),
         grpc_status: None,
     });

@@ -110,9 +110,9 @@ impl ObservedBody {
         let Some(mut f) = self.finish.take() else {
             return;
         };
-        let secs = f.start.elapsed().as_secs_f64();
-        f.duration.record(secs);
-        f.entry.duration = secs;
+        let took = f.start.elapsed();
+        f.duration.record(took.as_secs_f64());
+        f.entry.duration = took;
         f.entry.bytes = self.bytes;
         f.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         f.conn.touch();

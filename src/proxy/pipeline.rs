@@ -59,7 +59,7 @@ struct Trace {
     /// The normalized path, when it differs from the raw one.
     normalized: Option<Box<str>>,
     upstream: Option<http::uri::Authority>,
-    upstream_ms: Option<f64>,
+    upstream_time: Option<std::time::Duration>,
     grpc_status: Option<u16>,
     /// The client as `trusted_proxies` resolves it, when it was resolved.
     client: Option<std::net::IpAddr>,
@@ -144,7 +144,7 @@ impl Pending {
             method: std::mem::replace(&mut self.method, Method::GET),
             route,
             status,
-            duration: 0.0,
+            duration: std::time::Duration::ZERO,
             bytes: 0,
             key_id: self.trace.key_id.take(),
             service_account: self.trace.service_account.take(),
@@ -152,7 +152,7 @@ impl Pending {
             upstream_status,
             normalized: self.trace.normalized.take(),
             upstream: self.trace.upstream.take(),
-            upstream_ms: self.trace.upstream_ms,
+            upstream_time: self.trace.upstream_time,
             error,
             grpc_status: self.trace.grpc_status,
         })
@@ -214,9 +214,9 @@ impl Drop for Pending {
             }
         }
         let mut entry = self.record(CLIENT_CLOSED, None, Some("client_closed"));
-        let secs = self.start.elapsed().as_secs_f64();
-        self.stats().duration.record(secs);
-        entry.duration = secs;
+        let took = self.start.elapsed();
+        self.stats().duration.record(took.as_secs_f64());
+        entry.duration = took;
         self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.conn.touch();
         if !self
@@ -359,7 +359,7 @@ async fn pipeline(
     trace.upstream = Some(route.upstream.authority.clone());
     let sent = Instant::now();
     let result = forward::forward(&clients, permit, req, down, &config.identity).await;
-    trace.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+    trace.upstream_time = Some(sent.elapsed());
     Ok(result?)
 }
 

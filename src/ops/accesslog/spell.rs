@@ -51,21 +51,17 @@ pub(super) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
     out.extend_from_slice(&buf[start..]);
 }
 
-/// Appends `v` with three decimals, exactly as `{v:.3}` does.
-///
-/// The fast path rounds `v * 1000`; that agrees with `{:.3}`'s exact decimal rounding unless
-/// the product sits within a rounding error of a tie, which goes through `core::fmt`.
-pub(super) fn push_fixed3(out: &mut Vec<u8>, v: f64) {
-    let scaled = v * 1000.0;
-    let near_tie = (scaled - scaled.floor() - 0.5).abs() < 1e-6;
-    if !(v.is_finite() && v >= 0.0 && scaled < 1e15) || near_tie {
-        let _ = write!(out, "{v:.3}");
-        return;
-    }
-    let thousandths = scaled.round() as u64;
-    push_u64(out, thousandths / 1000);
+/// Appends `d` in milliseconds with three decimals (microseconds, rounded to nearest).
+pub(super) fn push_ms(out: &mut Vec<u8>, d: std::time::Duration) {
+    // In u64: `as_micros` is a u128 and its division a libcall; u64 microseconds last
+    // 584,000 years.
+    let micros = d
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from((d.subsec_nanos() + 500) / 1000));
+    push_u64(out, micros / 1000);
     out.push(b'.');
-    push_padded(out, thousandths % 1000, 3);
+    push_padded(out, micros % 1000, 3);
 }
 
 fn push_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
@@ -175,22 +171,29 @@ mod tests {
             assert_eq!(spelled(|o| push_u64(o, n)), n.to_string());
             assert_eq!(spelled(|o| push_padded(o, n, 6)), format!("{n:06}"));
         }
-        let mut v = 0.0f64;
-        while v < 5000.0 {
-            assert_eq!(spelled(|o| push_fixed3(o, v)), format!("{v:.3}"), "{v}");
-            v = v * 1.37 + 0.000_123_7;
-        }
-        for v in [
-            0.0005,
-            0.0015,
-            1.2345,
-            2.5,
-            1e20,
-            f64::NAN,
-            f64::INFINITY,
-            -1.0,
+    }
+
+    #[test]
+    fn milliseconds_round_to_the_nearest_microsecond() {
+        use std::time::Duration;
+        for (d, want) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(499), "0.000"),
+            (Duration::from_nanos(500), "0.001"),
+            (Duration::from_micros(1500), "1.500"),
+            (Duration::from_nanos(1_234_567), "1.235"),
+            (Duration::from_nanos(999_999_999), "1000.000"),
+            (Duration::from_secs(90), "90000.000"),
         ] {
-            assert_eq!(spelled(|o| push_fixed3(o, v)), format!("{v:.3}"), "{v}");
+            assert_eq!(spelled(|o| push_ms(o, d)), want, "{d:?}");
+        }
+        // The same digits `{:.3}` gives for the float, away from float rounding ties.
+        let mut n = 1u64;
+        while n < 10_000_000_000 {
+            let d = Duration::from_nanos(n);
+            let float = format!("{:.3}", n as f64 / 1e6);
+            assert_eq!(spelled(|o| push_ms(o, d)), float, "{n} ns");
+            n = n * 7 + 3;
         }
     }
 
