@@ -45,7 +45,10 @@ fn checkout(upstream: &Authority) -> Option<SendRequest<RequestBody>> {
         .try_with(|cell| {
             let mut idle = cell.borrow_mut();
             let now = Instant::now();
-            while let Some(pos) = idle.iter().rposition(|i| i.upstream == *upstream) {
+            while let Some(pos) = idle
+                .iter()
+                .rposition(|i| same_upstream(&i.upstream, upstream))
+            {
                 let i = idle.remove(pos)?;
                 if i.tx.is_ready() && now.duration_since(i.since) < IDLE_TIMEOUT {
                     return Some(i.tx);
@@ -59,6 +62,13 @@ fn checkout(upstream: &Authority) -> Option<SendRequest<RequestBody>> {
     // Dropped outside the borrow: closing a connection must not find the list borrowed.
     drop(stale);
     found
+}
+
+/// `a == b`, answered first by identity: every connection's authority is a clone of its
+/// route's, sharing its bytes, and `Authority`'s own comparison ignores ASCII case byte by
+/// byte.
+fn same_upstream(a: &Authority, b: &Authority) -> bool {
+    std::ptr::eq(a.as_str(), b.as_str()) || a == b
 }
 
 /// Puts a connection whose exchange is complete back on this worker's idle list.

@@ -100,24 +100,30 @@ pub(super) fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 /// Appends `s` as a JSON string literal: quotes, backslashes and control characters escaped,
 /// everything else copied in runs.
 pub(super) fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
     let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    // Nearly every value needs no escape: test it whole, without an early exit, and copy
+    // it once.
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    let dirty_words = words.fold(0u64, |acc, w| {
+        acc | <[u8; 8]>::try_from(w).map_or(HIGH, |w| escape_bits(u64::from_le_bytes(w)))
+    });
+    let dirty_tail = tail.iter().any(|&b| ESCAPE[usize::from(b)]);
+    if dirty_words == 0 && !dirty_tail {
+        out.extend_from_slice(bytes);
+    } else {
+        push_escaped(out, bytes);
+    }
+    out.push(b'"');
+}
+
+/// The escaping path of [`push_json_str`], byte by byte.
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        // Most values need no escape: skip eight clean bytes at a time.
-        if let Some(word) = bytes
-            .get(i..i + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        {
-            if !needs_escape(u64::from_le_bytes(word)) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        if b != b'"' && b != b'\\' && b >= 0x20 && b != 0x7f {
-            i += 1;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !ESCAPE[usize::from(b)] {
             continue;
         }
         out.extend_from_slice(&bytes[start..i]);
@@ -133,26 +139,35 @@ pub(super) fn push_json_str(out: &mut Vec<u8>, s: &str) {
                 HEX[usize::from(b & 0xf)],
             ]),
         }
-        i += 1;
-        start = i;
+        start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
-/// True when one of the eight bytes in `w` is a quote, a backslash, a control character or
-/// DEL. Exact, not a filter: each test is the classic "has a zero byte" bit trick, which
+/// Bytes a JSON string cannot hold as they are: quote, backslash, control characters, DEL.
+const ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f;
+        b += 1;
+    }
+    t
+};
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// Nonzero when one of the eight bytes in `w` is a quote, a backslash, a control character
+/// or DEL. Exact, not a filter: each test is the classic "has a zero byte" bit trick, which
 /// never reports a byte that is not there (bytes of 0x80 and up never match).
-fn needs_escape(w: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
+fn escape_bits(w: u64) -> u64 {
     let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    (below_space
+    below_space
         | zero_in(w ^ (ONES * u64::from(b'"')))
         | zero_in(w ^ (ONES * u64::from(b'\\')))
-        | zero_in(w ^ (ONES * 0x7f)))
-        != 0
+        | zero_in(w ^ (ONES * 0x7f))
 }
 
 #[cfg(test)]
@@ -233,6 +248,9 @@ mod tests {
     #[test]
     fn word_test_matches_the_byte_test() {
         let escapes = |b: u8| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f;
+        for b in 0..=255u8 {
+            assert_eq!(ESCAPE[usize::from(b)], escapes(b), "{b:#04x}");
+        }
         // Every byte value at every position, against neighbours clean and not.
         for fill in [b'a', 0x80, 0xff, b'!', b'[', 0x7e] {
             for pos in 0..8 {
@@ -240,7 +258,7 @@ mod tests {
                     let mut w = [fill; 8];
                     w[pos] = b;
                     let want = w.iter().any(|&x| escapes(x));
-                    assert_eq!(needs_escape(u64::from_le_bytes(w)), want, "{w:?}");
+                    assert_eq!(escape_bits(u64::from_le_bytes(w)) != 0, want, "{w:?}");
                 }
             }
         }
@@ -252,7 +270,7 @@ mod tests {
             x ^= x << 17;
             let w = (x & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes();
             let want = w.iter().any(|&b| escapes(b));
-            assert_eq!(needs_escape(u64::from_le_bytes(w)), want, "{w:?}");
+            assert_eq!(escape_bits(u64::from_le_bytes(w)) != 0, want, "{w:?}");
         }
     }
 }
