@@ -24,6 +24,9 @@ const PAIRS: [u8; 200] = {
     t
 };
 
+/// Digits in the largest u64.
+const DIGITS: usize = 20;
+
 /// Appends `n` in decimal with at least `width` digits (leading zeros), as `{n:0width$}`.
 pub(super) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
     // Octets, statuses' digits and small counts: most numbers in a line are one digit.
@@ -31,8 +34,11 @@ pub(super) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
         out.push(b'0' + n as u8);
         return;
     }
-    let mut buf = [b'0'; 20];
-    let mut i = buf.len();
+    // Digits end at DIGITS; the copy below always takes DIGITS bytes from where they start
+    // and then cuts the line back: a copy of fixed length is a few moves, one of the
+    // number's own length was a call to memcpy for every number in a line.
+    let mut buf = [b'0'; 2 * DIGITS];
+    let mut i = DIGITS;
     while n >= 100 {
         let pair = (n % 100) as usize * 2;
         n /= 100;
@@ -47,8 +53,12 @@ pub(super) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
         i -= 1;
         buf[i] = b'0' + n as u8;
     }
-    let start = i.min(buf.len().saturating_sub(width));
-    out.extend_from_slice(&buf[start..]);
+    let start = i.min(DIGITS.saturating_sub(width));
+    if let Some(chunk) = buf.get(start..start + DIGITS) {
+        let end = out.len() + (DIGITS - start);
+        out.extend_from_slice(chunk);
+        out.truncate(end);
+    }
 }
 
 /// Appends `d` in milliseconds with three decimals (microseconds, rounded to nearest).
@@ -185,6 +195,16 @@ mod tests {
         for n in [0u64, 7, 10, 999, 1000, 65535, u64::MAX] {
             assert_eq!(spelled(|o| push_u64(o, n)), n.to_string());
             assert_eq!(spelled(|o| push_padded(o, n, 6)), format!("{n:06}"));
+        }
+        // Every width the line uses, after text already in the buffer.
+        let mut n = 0u64;
+        while n < u64::MAX / 3 {
+            for width in 1..=8 {
+                let mut out = b"x=".to_vec();
+                push_padded(&mut out, n, width);
+                assert_eq!(out, format!("x={n:0width$}").into_bytes(), "{n} {width}");
+            }
+            n = n * 3 + 1;
         }
     }
 
