@@ -113,6 +113,14 @@ pub async fn forward(
         return switch(resp, downstream_upgrade, permit, &down);
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
+    if down.version == Version::HTTP_2 {
+        // Never indexed in HPACK: a new Date each second fills h2's table with dates, and its
+        // encoder compares each response's Date with every one held (oldest first), which
+        // grows to about 60 comparisons a response once the table is full.
+        if let Some(date) = resp.headers_mut().get_mut(http::header::DATE) {
+            date.set_sensitive(true);
+        }
+    }
     // An HTTP/1.0 upstream must not make an HTTP/1.1 client see an HTTP/1.0 status line.
     *resp.version_mut() = down.version;
     Ok(resp)
