@@ -203,28 +203,33 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
     keep_incoming: bool,
 ) {
-    let mut ip_buf = [0u8; 64];
-    let ip = format_ip(peer, &mut ip_buf);
-    // One lookup: this runs for every forwarded request.
+    let mut ip = IpText {
+        buf: [0u8; 64],
+        len: 0,
+    };
+    ip.len = format_ip(peer, &mut ip.buf).len();
+    // One lookup: this runs for every forwarded request. Values are owned by their `Bytes`
+    // from the start, so the resend copy of the head clones them without reallocating.
+    let owned = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b);
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) => {
             let mut values = e.iter();
             let xff = match (values.next().map(HeaderValue::as_bytes), values.next()) {
                 (Some(prev), None) if !prev.is_empty() => {
-                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len);
                     v.extend_from_slice(prev);
                     v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip);
-                    HeaderValue::from_bytes(&v)
+                    v.extend_from_slice(ip.as_ref());
+                    owned(bytes::Bytes::from_owner(v))
                 }
-                _ => HeaderValue::from_bytes(ip),
+                _ => owned(bytes::Bytes::from_owner(ip)),
             };
             if let Ok(v) = xff {
                 e.insert(v);
             }
         }
         header::Entry::Vacant(e) => {
-            if let Ok(v) = HeaderValue::from_bytes(ip) {
+            if let Ok(v) = owned(bytes::Bytes::from_owner(ip)) {
                 e.insert(v);
             }
         }
@@ -246,6 +251,18 @@ pub fn set_forwarded(
         None => {
             headers.remove(&X_FORWARDED_HOST);
         }
+    }
+}
+
+/// An address as text, in a buffer a `Bytes` can own.
+struct IpText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
     }
 }
 
