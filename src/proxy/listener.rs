@@ -327,7 +327,7 @@ async fn serve_conn<I>(
                     stop.has_changed().unwrap_or(true)
                 } else {
                     stop_armed = true;
-                    stopped.as_mut().poll(cx).is_ready()
+                    arm(stopped.as_mut(), cx)
                 };
                 if stop_now {
                     return Poll::Ready(Wake::Stop);
@@ -335,7 +335,7 @@ async fn serve_conn<I>(
             }
             if !timer_armed || timer.is_elapsed() {
                 timer_armed = true;
-                if timer.as_mut().poll(cx).is_ready() {
+                if arm(timer.as_mut(), cx) {
                     return Poll::Ready(Wake::Check);
                 }
             }
@@ -378,6 +378,17 @@ async fn serve_conn<I>(
             }
         }
     }
+}
+
+/// Polls `f` outside tokio's per-task budget; true when it is ready.
+///
+/// [`serve_conn`] polls its stop signal and watchdog timer once to register its waker and
+/// then only reads their state. A budgeted poll made after the connection spent the task's
+/// budget would return Pending without registering anything, and that signal would never
+/// wake the connection again.
+fn arm<F: Future>(f: std::pin::Pin<&mut F>, cx: &mut std::task::Context<'_>) -> bool {
+    let mut unbudgeted = tokio::task::unconstrained(f);
+    std::pin::Pin::new(&mut unbudgeted).poll(cx).is_ready()
 }
 
 /// What woke a connection's task, in [`serve_conn`].
@@ -425,5 +436,41 @@ fn log_rejected_head(gw: &Gateway, peer: SocketAddr, err: &(dyn std::error::Erro
     });
     if !gw.access_log.send(entry, snapshot.config.log_format) {
         gw.metrics.access_log_dropped.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+
+    /// A connection that used up its task's budget still arms its watchdog: the timer wakes
+    /// the task when it fires, though the task never polls the timer again before that.
+    #[tokio::test]
+    async fn arming_registers_after_the_budget_is_spent() {
+        let mut timer = pin!(tokio::time::sleep(Duration::from_millis(20)));
+        let mut armed = false;
+        let fired = std::future::poll_fn(|cx| {
+            if armed {
+                return if timer.is_elapsed() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                };
+            }
+            // Spend the budget the way a busy connection's own poll can.
+            loop {
+                let mut spend = pin!(tokio::task::consume_budget());
+                if spend.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+            }
+            armed = true;
+            assert!(!arm(timer.as_mut(), cx), "20 ms have not passed");
+            Poll::Pending
+        });
+        tokio::time::timeout(Duration::from_secs(10), fired)
+            .await
+            .expect("the timer woke the task");
     }
 }
