@@ -74,8 +74,12 @@ pub(crate) fn valid_service_account(sa: &str) -> bool {
 
 /// Unix seconds now, the clock expiry and quota periods are judged by.
 pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    unix_secs(std::time::SystemTime::now())
+}
+
+/// `t` in whole seconds since the Unix epoch (0 before it).
+pub fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
