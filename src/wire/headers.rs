@@ -210,7 +210,13 @@ pub fn set_forwarded(
     ip.len = format_ip(peer, &mut ip.buf).len();
     // One lookup: this runs for every forwarded request. Values are owned by their `Bytes`
     // from the start, so the resend copy of the head clones them without reallocating.
-    let owned = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b);
+    // Never indexed for HTTP/2 upstreams: one value per client, as with the identity headers.
+    let owned = |b: bytes::Bytes| {
+        HeaderValue::from_maybe_shared(b).map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
+    };
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) => {
             let mut values = e.iter();
@@ -532,6 +538,10 @@ mod tests {
             true,
         );
         assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
+        assert!(
+            m.get(&X_FORWARDED_FOR).unwrap().is_sensitive(),
+            "never indexed"
+        );
         assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "https");
         assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "public.example");
         let mut m = map(&incoming);
