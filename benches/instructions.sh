@@ -15,7 +15,9 @@
 # (valgrind hides SHA-NI), which costs keygate about 3,500 instructions a request that real
 # hardware does not spend. H2=1 drives h2c with prior knowledge instead: h2load -c16 -m10 with
 # one of the keys (h2load sends fixed headers), HAProxy bound with `proto h2`; the upstream
-# stays HTTP/1.1. CG_KEEP=dir keeps each callgrind dump there, for callgrind_annotate.
+# stays HTTP/1.1. UP_H2=1 makes the upstream HTTP/2 instead (nginx `listen ... http2`, an
+# `h2c://` route, HAProxy `proto h2`). CG_KEEP=dir keeps each callgrind dump there, for
+# callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
@@ -31,6 +33,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v curl >/dev/null || missing+=(curl)
 H2=${H2:-0}
+UP_H2=${UP_H2:-0}
 [ "$H2" = 0 ] || command -v h2load >/dev/null || missing+=(nghttp2-client)
 if ((${#missing[@]})); then
   apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
@@ -54,7 +57,7 @@ error_log /dev/null;
 pid $work/up/nginx.pid;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:$UP backlog=4096; location / { return 200 "ok\n"; } } }
+  server { listen 127.0.0.1:$UP$([ "$UP_H2" = 0 ] || echo ' http2') backlog=4096; location / { return 200 "ok\n"; } } }
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' & pids+=($!)
 
@@ -112,7 +115,7 @@ log_format: json
 routes:
   - name: api
     path_prefix: /api/
-    upstream: http://127.0.0.1:$UP
+    upstream: $([ "$UP_H2" = 0 ] && echo http || echo h2c)://127.0.0.1:$UP
     scopes: [bench.call]
 CONF
   KEYGATE_WORKERS=2 measure "keygate ($b)" "$b" serve --config "$work/keygate.yaml"
@@ -136,7 +139,7 @@ frontend fe
   http-request set-header X-Api-Key-Id %[var(txn.key_id)]
   default_backend be
 backend be
-  server up 127.0.0.1:$UP
+  server up 127.0.0.1:$UP$([ "$UP_H2" = 0 ] || echo ' proto h2')
 CONF
   measure "haproxy $(haproxy -v | awk 'NR==1{print $3}')" haproxy -f "$work/haproxy.cfg" -db
 fi
