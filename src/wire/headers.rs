@@ -210,13 +210,8 @@ pub fn set_forwarded(
     ip.len = format_ip(peer, &mut ip.buf).len();
     // One lookup: this runs for every forwarded request. Values are owned by their `Bytes`
     // from the start, so the resend copy of the head clones them without reallocating.
-    // Never indexed for HTTP/2 upstreams: one value per client, as with the identity headers.
-    let owned = |b: bytes::Bytes| {
-        HeaderValue::from_maybe_shared(b).map(|mut v| {
-            v.set_sensitive(true);
-            v
-        })
-    };
+    // One value per client: never indexed.
+    let owned = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).map(never_indexed);
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) => {
             let mut values = e.iter();
@@ -258,6 +253,15 @@ pub fn set_forwarded(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
+}
+
+/// Marks a value "never indexed" for HTTP/2 (HTTP/1.1 ignores the mark), for fields that
+/// take many values: h2's HPACK encoder compares each value it sends with every one its table
+/// holds under that name, oldest first, and such values fill the table and evict the fields
+/// that repeat.
+pub fn never_indexed(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// An address as text, in a buffer a `Bytes` can own.
@@ -303,10 +307,8 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// Keeps a client's `X-Request-Id` when it is sane, else generates one; returns the value.
 ///
-/// The value is marked sensitive, which HTTP/2 encodes as "never indexed": an id is unique
-/// per request, so an HPACK table would only fill with ids, evict the fields that do repeat,
-/// and make h2's encoder compare each new id with every one it holds (about 5,000
-/// instructions a response here).
+/// The value is [`never_indexed`]: an id is unique per request (about 5,000 instructions an
+/// h2 response here while ids were indexed).
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     // One lookup whether the id is kept, replaced or added.
     match headers.entry(&X_REQUEST_ID) {
@@ -322,6 +324,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
             };
             if keep {
                 let v = e.get_mut();
+                // As `never_indexed`, in place.
                 v.set_sensitive(true);
                 return v.clone();
             }
@@ -352,30 +355,19 @@ pub fn new_request_id() -> HeaderValue {
             b = now.to_le_bytes();
         }
         let mut hex = [0u8; 16];
-        hex_into(&mut hex, u64::from_le_bytes(b));
+        let _ = hex::encode_to_slice(u64::from_le_bytes(b).to_be_bytes(), &mut hex);
         hex
     });
     let mut buf = [0u8; 32];
     buf[..16].copy_from_slice(prefix);
-    let (_, counter) = buf.split_at_mut(16);
-    if let Ok(counter) = <&mut [u8; 16]>::try_from(counter) {
-        hex_into(counter, COUNTER.fetch_add(1, Ordering::Relaxed));
-    }
+    let counter = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    let _ = hex::encode_to_slice(counter, &mut buf[16..]);
     // Owned by its `Bytes` from the start: the id is cloned into the request, the response
     // and the log, and a copied slice would be reallocated as shared on the first clone.
-    let mut id = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-        .unwrap_or(HeaderValue::from_static("0"));
-    id.set_sensitive(true);
-    id
-}
-
-/// Writes `n` as 16 lowercase hex digits.
-fn hex_into(out: &mut [u8; 16], n: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in n.to_be_bytes().iter().enumerate() {
-        out[2 * i] = HEX[usize::from(byte >> 4)];
-        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-    }
+    never_indexed(
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+            .unwrap_or(HeaderValue::from_static("0")),
+    )
 }
 
 #[cfg(test)]
