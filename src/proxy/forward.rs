@@ -96,13 +96,15 @@ pub async fn forward(
     };
     let req = Request::from_parts(parts, body);
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let send = async move {
+    // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole
+    // exchange's state, which it would otherwise copy in and out on every request.
+    let send = std::pin::pin!(async move {
         if own {
             pool::send(clients.connector(), &route.upstream.authority, req).await
         } else {
             legacy(clients.start(route, req)).await
         }
-    };
+    });
     let mut resp = match tokio::time::timeout(deadline, send).await {
         Err(_) => return Err(ForwardError::Timeout),
         Ok(Err(e)) => return Err(blame(&e, fault.as_deref(), route)),

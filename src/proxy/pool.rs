@@ -1,15 +1,21 @@
-//! HTTP/1.1 upstream connections for `http://` routes, kept idle per worker thread.
+//! HTTP/1.1 upstream connections for `http://` routes, kept idle per worker thread and driven
+//! by the request using them.
 //!
 //! hyper's own advice for proxies: drive `hyper::client::conn::http1` connections directly.
 //! hyper-util's pooled client spent a boxed future, a pool-key hash, two lock round trips and
 //! a spawned readiness task per request; here a request takes the newest idle connection to
 //! its upstream from a thread-local list, and its response body puts it back once read to the
-//! end. The worker runs one single-threaded runtime, so the list needs no lock.
+//! end. The worker runs one single-threaded runtime, so the list needs no lock. A connection
+//! has no task of its own: the request holding it polls it, so the upstream's answer wakes
+//! the downstream task directly instead of passing through a second task and two channels.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +24,10 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::TrySendError;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::proxy::upstream::{RequestBody, SendError};
 
@@ -27,10 +36,131 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections a worker keeps, over all upstreams.
 const MAX_IDLE: usize = 256;
 
-struct Idle {
+/// hyper's state machine for one upstream connection.
+type Link = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+
+/// One upstream connection: the handle requests go in by, and the connection itself, polled
+/// by whoever holds the line.
+struct Line {
     upstream: Authority,
-    since: Instant,
     tx: SendRequest<RequestBody>,
+    /// Boxed so that checking the line in and out moves a pointer; `None` once it has ended.
+    conn: Option<Pin<Box<Link>>>,
+    relay: Arc<Relay>,
+    /// `relay` as the waker the connection (and the response body) is polled with.
+    waker: Waker,
+}
+
+/// Where a connection's wakeups go: to the task holding its line, except those set off by
+/// that task's own polls, which it looks at before it returns. Driven inside the request's
+/// task, the connection would otherwise wake that task again for the response head it has
+/// just handed over and for the body chunk just taken, one more poll of the whole downstream
+/// connection each. An idle line wakes nobody, so no finished task stays referenced by it.
+#[derive(Default)]
+struct Relay {
+    target: Mutex<Option<Waker>>,
+    /// Set while the holder polls: wakeups are noted in `missed` instead of passed on.
+    quiet: AtomicBool,
+    missed: AtomicBool,
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.quiet.load(Ordering::Relaxed) {
+            self.missed.store(true, Ordering::Relaxed);
+            return;
+        }
+        if let Ok(target) = self.target.lock() {
+            if let Some(w) = target.as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+/// Runs `f` (polls of the connection and what it feeds) with the relay's waker, for the task
+/// behind `cx`. A wakeup `f` caused itself is passed on only if `f` is still pending, since
+/// the connection may have asked to be polled again (hyper yields after 16 rounds).
+fn relayed<T>(
+    relay: &Relay,
+    waker: &Waker,
+    cx: &mut Context<'_>,
+    f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+) -> Poll<T> {
+    if let Ok(mut target) = relay.target.lock() {
+        if !target.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *target = Some(cx.waker().clone());
+        }
+    }
+    relay.quiet.store(true, Ordering::Relaxed);
+    let polled = f(&mut Context::from_waker(waker));
+    relay.quiet.store(false, Ordering::Relaxed);
+    if relay.missed.swap(false, Ordering::Relaxed) && polled.is_pending() {
+        cx.waker().wake_by_ref();
+    }
+    polled
+}
+
+/// Lets the connection read and write whatever is due; `cx` is woken when it can go on.
+fn drive(conn: &mut Option<Pin<Box<Link>>>, cx: &mut Context<'_>) {
+    let Some(c) = conn.as_mut() else {
+        return;
+    };
+    if let Poll::Ready(ended) = c.as_mut().poll(cx) {
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+        // Dropping the connection also fails whatever request is still queued on it.
+        *conn = None;
+    }
+}
+
+impl Line {
+    fn new(upstream: Authority, tx: SendRequest<RequestBody>, conn: Link) -> Line {
+        let relay = Arc::new(Relay::default());
+        Line {
+            upstream,
+            tx,
+            conn: Some(Box::pin(conn)),
+            waker: Waker::from(relay.clone()),
+            relay,
+        }
+    }
+
+    /// Drives the connection with no one to wake, on its way to or while on the idle list.
+    fn settle(&mut self) {
+        drive(&mut self.conn, &mut Context::from_waker(Waker::noop()));
+    }
+
+    /// Still open, with the upstream able to take another request.
+    fn open(&self) -> bool {
+        self.conn.is_some() && !self.tx.is_closed()
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection meanwhile.
+    async fn exchange(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        let mut sent = std::pin::pin!(self.tx.try_send_request(req));
+        let (relay, waker, conn) = (&self.relay, &self.waker, &mut self.conn);
+        std::future::poll_fn(|cx| {
+            relayed(relay, waker, cx, |rcx| {
+                drive(conn, rcx);
+                sent.as_mut().poll(rcx)
+            })
+        })
+        .await
+    }
+}
+
+struct Idle {
+    since: Instant,
+    line: Line,
 }
 
 thread_local! {
@@ -39,7 +169,7 @@ thread_local! {
 }
 
 /// The newest usable idle connection to `upstream`; stale or closed ones on the way are closed.
-fn checkout(upstream: &Authority) -> Option<SendRequest<RequestBody>> {
+fn checkout(upstream: &Authority) -> Option<Line> {
     let mut stale = Vec::new();
     let found = IDLE
         .try_with(|cell| {
@@ -47,11 +177,14 @@ fn checkout(upstream: &Authority) -> Option<SendRequest<RequestBody>> {
             let now = Instant::now();
             while let Some(pos) = idle
                 .iter()
-                .rposition(|i| same_upstream(&i.upstream, upstream))
+                .rposition(|i| same_upstream(&i.line.upstream, upstream))
             {
                 let i = idle.remove(pos)?;
-                if i.tx.is_ready() && now.duration_since(i.since) < IDLE_TIMEOUT {
-                    return Some(i.tx);
+                if i.line.open()
+                    && i.line.tx.is_ready()
+                    && now.duration_since(i.since) < IDLE_TIMEOUT
+                {
+                    return Some(i.line);
                 }
                 stale.push(i);
             }
@@ -72,8 +205,16 @@ fn same_upstream(a: &Authority, b: &Authority) -> bool {
 }
 
 /// Puts a connection whose exchange is complete back on this worker's idle list.
-fn checkin(upstream: Authority, tx: SendRequest<RequestBody>) {
-    if tx.is_closed() {
+fn checkin(mut line: Line) {
+    if let Ok(mut target) = line.relay.target.lock() {
+        *target = None;
+    }
+    // Usually the connection finished the exchange as it read the body's end; if not, it
+    // does now (and reads a close the upstream already sent).
+    if !line.tx.is_ready() {
+        line.settle();
+    }
+    if !line.open() {
         return;
     }
     let mut evicted = Vec::new();
@@ -86,11 +227,7 @@ fn checkin(upstream: Authority, tx: SendRequest<RequestBody>) {
         {
             evicted.extend(idle.pop_front());
         }
-        idle.push_back(Idle {
-            upstream,
-            since: now,
-            tx,
-        });
+        idle.push_back(Idle { since: now, line });
     });
     drop(evicted);
 }
@@ -98,8 +235,10 @@ fn checkin(upstream: Authority, tx: SendRequest<RequestBody>) {
 /// How often a worker closes idle connections past [`IDLE_TIMEOUT`] when no request does.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
-/// Closes this worker's idle connections that are past their timeout or already closed;
-/// checkout and checkin do the same on the way, this covers a worker that gets no traffic.
+/// Closes this worker's idle connections that are past their timeout or closed by the
+/// upstream; checkout and checkin do the same on the way, this covers a worker that gets no
+/// traffic. An idle connection has nobody polling it, so this is where an upstream's close
+/// is read and the socket let go.
 pub(crate) fn sweep() {
     let mut gone = Vec::new();
     let _ = IDLE.try_with(|cell| {
@@ -107,7 +246,11 @@ pub(crate) fn sweep() {
         let mut idle = cell.borrow_mut();
         let (keep, old): (VecDeque<Idle>, VecDeque<Idle>) = std::mem::take(&mut *idle)
             .into_iter()
-            .partition(|i| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            .map(|mut i| {
+                i.line.settle();
+                i
+            })
+            .partition(|i| i.line.open() && now.duration_since(i.since) < IDLE_TIMEOUT);
         *idle = keep;
         gone.extend(old);
     });
@@ -125,9 +268,9 @@ pub(crate) async fn send(
     // nothing answered. A bodyless idempotent request is then sent once more on a new
     // connection (RFC 9110 9.2.2; HAProxy's `retry-on conn-failure`), so its head is kept.
     let mut again = resendable(&req).then(|| head_of(&req));
-    while let Some(mut tx) = checkout(upstream) {
-        match tx.try_send_request(req).await {
-            Ok(resp) => return Ok(UpstreamBody::pooled(resp, upstream, tx)),
+    while let Some(mut line) = checkout(upstream) {
+        match line.exchange(req).await {
+            Ok(resp) => return Ok(UpstreamBody::pooled(resp, line)),
             Err(mut e) => match e.take_message() {
                 // Closed before the request was written: nothing reached the upstream.
                 Some(back) => req = back,
@@ -164,16 +307,15 @@ async fn connect_and_send(
     let io = tower_service::Service::call(&mut connector.clone(), dest)
         .await
         .map_err(|e| SendError::Connect(e.into()))?;
-    let (mut tx, conn) = http1::handshake::<_, RequestBody>(io)
+    let (tx, conn) = http1::handshake::<_, RequestBody>(io)
         .await
         .map_err(SendError::Http)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-    let resp = tx.send_request(req).await.map_err(SendError::Http)?;
-    Ok(UpstreamBody::pooled(resp, upstream, tx))
+    let mut line = Line::new(upstream.clone(), tx, conn);
+    let resp = line
+        .exchange(req)
+        .await
+        .map_err(|e| SendError::Http(e.into_error()))?;
+    Ok(UpstreamBody::pooled(resp, line))
 }
 
 /// True for a request that may be sent twice: no body, and a method that is idempotent.
@@ -201,38 +343,35 @@ fn closed_unanswered(err: &hyper::Error) -> bool {
     err.is_incomplete_message() || err.is_canceled() || err.is_closed()
 }
 
-/// An upstream response body. A pooled connection goes back to its worker's idle list when
-/// the body has been read to its end; dropped earlier, the connection closes with it.
+/// An upstream response body. On a pooled connection, reading the body drives the
+/// connection, which goes back to its worker's idle list when the body has been read to its
+/// end; dropped earlier, the connection closes with it.
 pub struct UpstreamBody {
     inner: Incoming,
-    reuse: Option<(Authority, SendRequest<RequestBody>)>,
+    line: Option<Line>,
 }
 
 impl UpstreamBody {
     /// A body from a connection that is not this module's to pool.
     pub(crate) fn plain(inner: Incoming) -> UpstreamBody {
-        UpstreamBody { inner, reuse: None }
+        UpstreamBody { inner, line: None }
     }
 
-    fn pooled(
-        resp: Response<Incoming>,
-        upstream: &Authority,
-        tx: SendRequest<RequestBody>,
-    ) -> Response<UpstreamBody> {
+    fn pooled(resp: Response<Incoming>, line: Line) -> Response<UpstreamBody> {
         resp.map(|inner| UpstreamBody {
             inner,
-            reuse: Some((upstream.clone(), tx)),
+            line: Some(line),
         })
     }
 
     /// Never pooled again: an upgraded or abandoned exchange leaves the connection unusable.
     pub(crate) fn forget_connection(&mut self) {
-        self.reuse = None;
+        self.line = None;
     }
 
     fn give_back(&mut self) {
-        if let Some((upstream, tx)) = self.reuse.take() {
-            checkin(upstream, tx);
+        if let Some(line) = self.line.take() {
+            checkin(line);
         }
     }
 }
@@ -246,7 +385,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let inner = &mut this.inner;
+        let polled = match this.line.as_mut() {
+            None => Pin::new(inner).poll_frame(cx),
+            Some(line) => relayed(&line.relay, &line.waker, cx, |rcx| {
+                // The connection usually read the whole body with the head; only when it did
+                // not does it need to run for more.
+                match Pin::new(&mut *inner).poll_frame(rcx) {
+                    Poll::Pending => {
+                        drive(&mut line.conn, rcx);
+                        Pin::new(&mut *inner).poll_frame(rcx)
+                    }
+                    polled => polled,
+                }
+            }),
+        };
         match &polled {
             Poll::Ready(None) => this.give_back(),
             Poll::Ready(Some(Err(_))) => this.forget_connection(),
