@@ -64,6 +64,18 @@ struct Relay {
     missed: AtomicBool,
 }
 
+impl Relay {
+    /// Sends later wakeups to `to`, or to no one.
+    fn aim(&self, to: Option<&Waker>) {
+        if let Ok(mut target) = self.target.lock() {
+            match to {
+                Some(w) if target.as_ref().is_some_and(|t| t.will_wake(w)) => {}
+                _ => *target = to.cloned(),
+            }
+        }
+    }
+}
+
 impl Wake for Relay {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
@@ -91,11 +103,7 @@ fn relayed<T>(
     cx: &mut Context<'_>,
     f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
 ) -> Poll<T> {
-    if let Ok(mut target) = relay.target.lock() {
-        if !target.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *target = Some(cx.waker().clone());
-        }
-    }
+    relay.aim(Some(cx.waker()));
     relay.quiet.store(true, Ordering::Relaxed);
     let polled = f(&mut Context::from_waker(waker));
     relay.quiet.store(false, Ordering::Relaxed);
@@ -206,9 +214,7 @@ fn same_upstream(a: &Authority, b: &Authority) -> bool {
 
 /// Puts a connection whose exchange is complete back on this worker's idle list.
 fn checkin(mut line: Line) {
-    if let Ok(mut target) = line.relay.target.lock() {
-        *target = None;
-    }
+    line.relay.aim(None);
     // Usually the connection finished the exchange as it read the body's end; if not, it
     // does now (and reads a close the upstream already sent).
     if !line.tx.is_ready() {
