@@ -6,12 +6,33 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// A loopback port nothing listens on, for a gateway process to bind.
+///
+/// Taken below the kernel's ephemeral range: a port-0 bind elsewhere in this run (an upstream,
+/// an in-process gateway, a client socket) is handed ports from that range, and could take a
+/// port this returned before the gateway process binds it, leaving the test talking to some
+/// other test's server.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(1024).clamp(1, 16384);
+    let start = low - span;
+    // Another run of these tests at the same moment starts elsewhere in the span.
+    let offset = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let port = start + offset.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {start}..{low}");
 }
 
 /// A gateway process; killed with SIGTERM on drop.

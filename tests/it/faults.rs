@@ -132,10 +132,7 @@ async fn hammer(
 #[tokio::test]
 async fn ten_thousand_upstream_faults_leak_nothing() {
     let good = Upstream::start().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], crate::cli::free_port()));
     let (reset, garbage, hang) = (
         faulty("reset").await,
         faulty("garbage").await,

@@ -294,11 +294,8 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let up = Upstream::start().await;
-    // A port that was just free: nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A free port outside the range port-0 binds draw from: nothing listens there.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], crate::cli::free_port()));
     let routes = format!(
         "{}{}{}",
         route(
