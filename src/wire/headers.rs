@@ -214,16 +214,24 @@ pub fn set_forwarded(
     let owned = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).map(never_indexed);
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) => {
-            let mut values = e.iter();
-            let xff = match (values.next().map(HeaderValue::as_bytes), values.next()) {
-                (Some(prev), None) if !prev.is_empty() => {
-                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len);
-                    v.extend_from_slice(prev);
+            // Several lines are one list (RFC 9110 5.3): joined, in order, so no hop of the
+            // chain is lost.
+            let prev = || {
+                e.iter()
+                    .map(HeaderValue::as_bytes)
+                    .filter(|v| !v.is_empty())
+            };
+            let len: usize = prev().map(|p| p.len() + 2).sum();
+            let xff = if len == 0 {
+                owned(bytes::Bytes::from_owner(ip))
+            } else {
+                let mut v = Vec::with_capacity(len + ip.len);
+                for p in prev() {
+                    v.extend_from_slice(p);
                     v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.as_ref());
-                    owned(bytes::Bytes::from_owner(v))
                 }
-                _ => owned(bytes::Bytes::from_owner(ip)),
+                v.extend_from_slice(ip.as_ref());
+                owned(bytes::Bytes::from_owner(v))
             };
             if let Ok(v) = xff {
                 e.insert(v);
@@ -547,6 +555,17 @@ mod tests {
         assert_eq!(m.get(&X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "http");
         assert_eq!(m.get(&X_FORWARDED_HOST).unwrap(), "h");
+        let mut m = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", ""),
+            ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
+        ]);
+        set_forwarded(&mut m, "127.0.0.1".parse().unwrap(), false, None, false);
+        assert_eq!(
+            m.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"],
+            "several lines are joined into one"
+        );
         let mut m = HeaderMap::new();
         set_forwarded(&mut m, "127.0.0.1".parse().unwrap(), true, None, true);
         assert_eq!(m.get(&X_FORWARDED_PROTO).unwrap(), "https");
