@@ -344,9 +344,20 @@ fn head_of(req: &Request<RequestBody>) -> Request<RequestBody> {
     copy
 }
 
-/// The connection ended before any response: the upstream closed it, not refused the request.
+/// The connection ended before any response: the upstream closed or reset it, not refused
+/// the request. A reset is what an upstream that closed with unread bytes, or a restarted
+/// one, sends a reused connection.
 fn closed_unanswered(err: &hyper::Error) -> bool {
-    err.is_incomplete_message() || err.is_canceled() || err.is_closed()
+    use std::io::ErrorKind;
+    let reset = std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<std::io::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            )
+        });
+    err.is_incomplete_message() || err.is_canceled() || err.is_closed() || reset
 }
 
 /// An upstream response body. On a pooled connection, reading the body drives the

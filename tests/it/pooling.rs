@@ -16,8 +16,9 @@ use crate::support::*;
 /// A bare HTTP/1.1 upstream that counts connections. On each connection it answers up to
 /// `answers` requests and closes, unanswered, when one more arrives (a keep-alive close racing
 /// the next request); like nginx's `keepalive_timeout`, it also closes after `idle` without
-/// a request. It never says `Connection: close` first.
-async fn bare_upstream(idle: Duration, answers: usize) -> (String, Arc<AtomicUsize>) {
+/// a request. It never says `Connection: close` first. With `reset`, that close is a TCP reset
+/// (what a restarted upstream, or one closing with unread bytes, sends).
+async fn bare_upstream(idle: Duration, answers: usize, reset: bool) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -35,6 +36,9 @@ async fn bare_upstream(idle: Duration, answers: usize) -> (String, Arc<AtomicUsi
                 loop {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         if answered == answers {
+                            if reset {
+                                let _ = s.set_zero_linger();
+                            }
                             return;
                         }
                         buf.drain(..end + 4);
@@ -57,7 +61,7 @@ async fn bare_upstream(idle: Duration, answers: usize) -> (String, Arc<AtomicUsi
 
 #[tokio::test]
 async fn upstream_connections_are_reused_and_dropped_once_closed() {
-    let (url, conns) = bare_upstream(Duration::from_millis(300), usize::MAX).await;
+    let (url, conns) = bare_upstream(Duration::from_millis(300), usize::MAX, false).await;
     let k = TestKey::new("k", "sa", &["s.a"]);
     let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
     // One downstream connection: its requests stay on one worker, and so on one pool.
@@ -98,7 +102,16 @@ async fn upstream_connections_are_reused_and_dropped_once_closed() {
 
 #[tokio::test]
 async fn a_get_the_upstream_drops_on_a_kept_alive_connection_is_sent_again_a_post_is_not() {
-    let (url, conns) = bare_upstream(Duration::from_secs(30), 1).await;
+    dropped_kept_alive_connection(false).await;
+}
+
+#[tokio::test]
+async fn a_get_the_upstream_resets_on_a_kept_alive_connection_is_sent_again_a_post_is_not() {
+    dropped_kept_alive_connection(true).await;
+}
+
+async fn dropped_kept_alive_connection(reset: bool) {
+    let (url, conns) = bare_upstream(Duration::from_secs(30), 1, reset).await;
     let k = TestKey::new("k", "sa", &["s.a"]);
     let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
     let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
