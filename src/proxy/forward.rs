@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use crate::config::routes::UpstreamScheme;
 use crate::config::IdentityHeaders;
 use crate::proxy::authorize::Permit;
+use crate::proxy::multiplex;
 use crate::proxy::pool::{self, UpstreamBody};
 use crate::proxy::tunnel;
 use crate::proxy::upstream::{
@@ -98,9 +99,12 @@ pub async fn forward(
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
     // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole
     // exchange's state, which it would otherwise copy in and out on every request.
+    let multiplexed = !websocket && route.upstream.scheme == UpstreamScheme::H2c;
     let send = std::pin::pin!(async move {
         if own {
             pool::send(clients.connector(), &route.upstream.authority, req).await
+        } else if multiplexed {
+            multiplex::send(clients.connector(), &route.upstream.authority, req).await
         } else {
             legacy(clients.start(route, req)).await
         }

@@ -191,6 +191,7 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
             loop {
                 tick.tick().await;
                 crate::proxy::pool::sweep();
+                crate::proxy::multiplex::sweep();
             }
         });
         let trimmer = tokio::spawn(crate::ops::trim::on_quiet());

@@ -8,6 +8,7 @@ pub mod credential;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod listener;
+pub(crate) mod multiplex;
 pub(crate) mod observe;
 pub(crate) mod pipeline;
 pub(crate) mod policy;

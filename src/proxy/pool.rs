@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::proxy::upstream::{RequestBody, SendError};
 
 /// Idle connections are closed after this long unused (hyper-util's pool default).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections a worker keeps, over all upstreams.
 const MAX_IDLE: usize = 256;
 
@@ -208,7 +208,7 @@ fn checkout(upstream: &Authority) -> Option<Line> {
 /// `a == b`, answered first by identity: every connection's authority is a clone of its
 /// route's, sharing its bytes, and `Authority`'s own comparison ignores ASCII case byte by
 /// byte.
-fn same_upstream(a: &Authority, b: &Authority) -> bool {
+pub(crate) fn same_upstream(a: &Authority, b: &Authority) -> bool {
     std::ptr::eq(a.as_str(), b.as_str()) || a == b
 }
 
@@ -305,14 +305,7 @@ async fn connect_and_send(
     upstream: &Authority,
     req: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let mut dest = http::uri::Parts::default();
-    dest.scheme = Some(http::uri::Scheme::HTTP);
-    dest.authority = Some(upstream.clone());
-    dest.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    let dest = Uri::from_parts(dest).map_err(|e| SendError::Connect(e.into()))?;
-    let io = tower_service::Service::call(&mut connector.clone(), dest)
-        .await
-        .map_err(|e| SendError::Connect(e.into()))?;
+    let io = connect(connector, upstream).await?;
     let (tx, conn) = http1::handshake::<_, RequestBody>(io)
         .await
         .map_err(SendError::Http)?;
@@ -322,6 +315,21 @@ async fn connect_and_send(
         .await
         .map_err(|e| SendError::Http(e.into_error()))?;
     Ok(UpstreamBody::pooled(resp, line))
+}
+
+/// A new TCP connection to `upstream`, made with the connector's timeouts and options.
+pub(crate) async fn connect(
+    connector: &HttpConnector,
+    upstream: &Authority,
+) -> Result<TokioIo<TcpStream>, SendError> {
+    let mut dest = http::uri::Parts::default();
+    dest.scheme = Some(http::uri::Scheme::HTTP);
+    dest.authority = Some(upstream.clone());
+    dest.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    let dest = Uri::from_parts(dest).map_err(|e| SendError::Connect(e.into()))?;
+    tower_service::Service::call(&mut connector.clone(), dest)
+        .await
+        .map_err(|e| SendError::Connect(e.into()))
 }
 
 /// True for a request that may be sent twice: no body, and a method that is idempotent.

@@ -1,7 +1,8 @@
 //! Upstream exchanges: the request body on its way (cut at `max_body`), why an exchange
-//! failed, and the clients: hyper-util's for WebSocket upgrades and for each h2c or https
-//! route pinned to its upstream, built per worker thread and per config. Other `http://`
-//! requests go on the worker's own HTTP/1.1 connections (`proxy::pool`).
+//! failed, and the clients: hyper-util's for WebSocket upgrades and for each https route
+//! pinned to its upstream, built per worker thread and per config. Other `http://` requests
+//! go on the worker's own HTTP/1.1 connections (`proxy::pool`), other `h2c://` requests on its
+//! shared HTTP/2 ones (`proxy::multiplex`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,13 +114,13 @@ impl Failure {
 /// How sending to an upstream failed, before it is classified as a [`Failure`].
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// From a pooled hyper-util client (h2c, https, WebSocket upgrades).
+    /// From a pooled hyper-util client (https, WebSocket upgrades).
     #[error("{0}")]
     Legacy(#[source] hyper_util::client::legacy::Error),
-    /// Connecting a new HTTP/1.1 connection failed.
+    /// Connecting a new HTTP/1.1 or h2c connection failed.
     #[error("connect: {0}")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The HTTP/1.1 exchange failed.
+    /// The HTTP/1.1 or h2c exchange failed.
     #[error("{0}")]
     Http(#[source] hyper::Error),
 }
@@ -276,7 +277,8 @@ impl tower_service::Service<Uri> for FixedDest {
 
 type HttpsClient = Client<HttpsConnector<FixedDest>, RequestBody>;
 
-/// A route's own client when its upstream may speak HTTP/2 (h2c, or https with ALPN h2).
+/// A route's own client when its upstream may speak HTTP/2 (h2c, or https with ALPN h2). An
+/// h2c route's takes only WebSocket handshakes; its other requests go on `proxy::multiplex`.
 enum RouteClient {
     H2c(Client<FixedDest, RequestBody>),
     Https(HttpsClient),

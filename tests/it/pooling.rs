@@ -19,44 +19,58 @@ use crate::support::*;
 /// a request. It never says `Connection: close` first. With `reset`, that close is a TCP reset
 /// (what a restarted upstream, or one closing with unread bytes, sends).
 async fn bare_upstream(idle: Duration, answers: usize, reset: bool) -> (String, Arc<AtomicUsize>) {
+    let (addr, conns) = counting_upstream(move |mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut answered = 0;
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                if answered == answers {
+                    if reset {
+                        let _ = s.set_zero_linger();
+                    }
+                    return;
+                }
+                buf.drain(..end + 4);
+                answered += 1;
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(reply).await.is_err() {
+                    return;
+                }
+            }
+            match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+    })
+    .await;
+    (format!("http://{addr}"), conns)
+}
+
+/// Accepts connections on 127.0.0.1:0, counts them, and serves each with `serve`.
+async fn counting_upstream<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let count = conns.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 return;
             };
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let mut answered = 0;
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        if answered == answers {
-                            if reset {
-                                let _ = s.set_zero_linger();
-                            }
-                            return;
-                        }
-                        buf.drain(..end + 4);
-                        answered += 1;
-                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if s.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                    match tokio::time::timeout(idle, s.read(&mut chunk)).await {
-                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
-                }
-            });
+            tokio::spawn(serve(s));
         }
     });
-    (format!("http://{addr}"), conns)
+    (addr, conns)
+}
+fn connections(conns: &AtomicUsize, want: usize, why: &str) {
+    assert_eq!(conns.load(Ordering::SeqCst), want, "{why}");
 }
 
 #[tokio::test]
@@ -84,19 +98,11 @@ async fn upstream_connections_are_reused_and_dropped_once_closed() {
         }
     };
     burst(10).await;
-    assert_eq!(
-        conns.load(Ordering::SeqCst),
-        1,
-        "ten requests, one upstream connection"
-    );
+    connections(&conns, 1, "ten requests, one upstream connection");
     // Long past the upstream's idle timeout: the pooled connection is closed on its side.
     tokio::time::sleep(Duration::from_millis(900)).await;
     burst(10).await;
-    assert_eq!(
-        conns.load(Ordering::SeqCst),
-        2,
-        "a new connection after the close, then reuse"
-    );
+    connections(&conns, 2, "a new connection after the close, then reuse");
     gw.stop().await;
 }
 
@@ -136,5 +142,77 @@ async fn dropped_kept_alive_connection(reset: bool) {
     // A POST may have been acted on before the close: never sent twice.
     assert_eq!(call("POST", "x").await, 502);
     assert_eq!(conns.load(Ordering::SeqCst), 2);
+    gw.stop().await;
+}
+
+/// An h2c upstream that counts connections, answers each request after `delay` (so requests
+/// overlap), and closes each connection gracefully (GOAWAY) `life` after it opened.
+async fn h2c_upstream(delay: Duration, life: Duration) -> (String, Arc<AtomicUsize>) {
+    let (addr, conns) = counting_upstream(move |s| async move {
+        let svc = hyper::service::service_fn(move |_req| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"ok",
+            ))))
+        });
+        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = tokio::time::sleep(life) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    })
+    .await;
+    (format!("h2c://{addr}"), conns)
+}
+#[tokio::test]
+async fn an_h2c_upstream_connection_is_shared_and_replaced_once_closed() {
+    let (url, conns) = h2c_upstream(Duration::from_millis(100), Duration::from_secs(2)).await;
+    let k = TestKey::new("k", "sa", &["s.a"]);
+    let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
+    // One downstream HTTP/2 connection: its requests run on one worker, concurrently.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let burst = async |n: usize| {
+        let calls = (0..n).map(|i| {
+            let mut send = send.clone();
+            let auth = k.auth();
+            async move {
+                let req = http::Request::builder()
+                    .uri(format!("http://t/api/{i}"))
+                    .header("authorization", auth)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                let status = resp.status();
+                (status, resp.into_body().collect().await.unwrap().to_bytes())
+            }
+        });
+        for (status, body) in futures_util::future::join_all(calls).await {
+            assert_eq!(status, 200);
+            assert_eq!(body, "ok");
+        }
+    };
+    // Twenty at once before any connection exists: they wait for the first one's.
+    burst(20).await;
+    connections(
+        &conns,
+        1,
+        "twenty overlapping requests, one upstream connection",
+    );
+    // Past the connection's life: the upstream sent GOAWAY and closed it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    burst(20).await;
+    connections(&conns, 2, "a new connection after the GOAWAY, shared again");
     gw.stop().await;
 }

@@ -1,0 +1,183 @@
+//! h2c upstream connections: one per upstream per worker thread, shared by every request of
+//! that worker to it, since HTTP/2 multiplexes.
+//!
+//! hyper's own client connection, as for HTTP/1.1 (`proxy::pool`): hyper-util's pooled client
+//! spent a boxed checkout, a pool-key hash and lock round trips on each request, about 5,000
+//! instructions of the h2c-upstream path. The worker runs one single-threaded runtime, so the
+//! thread-local list needs no lock. The connection keeps its own task (hyper spawns one per
+//! HTTP/2 connection), as the legacy client's did.
+
+use std::cell::RefCell;
+use std::time::Instant;
+
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use crate::proxy::pool::{self, same_upstream, UpstreamBody, IDLE_TIMEOUT};
+use crate::proxy::upstream::{RequestBody, SendError};
+
+/// One upstream's shared connection, or the request opening it for the others to wait on.
+struct Shared {
+    upstream: Authority,
+    state: State,
+    used: Instant,
+}
+
+enum State {
+    Open(SendRequest<RequestBody>),
+    /// The opening request holds the sender: it drops it once it has put the connection in
+    /// place, or when it fails or is cancelled, which wakes the waiting requests either way.
+    Opening(watch::Receiver<()>),
+}
+
+impl Shared {
+    /// False once the connection has closed, or its opening ended without one.
+    fn live(&self) -> bool {
+        match &self.state {
+            State::Open(tx) => !tx.is_closed(),
+            State::Opening(rx) => rx.has_changed().is_ok(),
+        }
+    }
+}
+
+thread_local! {
+    /// This worker's h2c connections, one per upstream.
+    static SHARED: RefCell<Vec<Shared>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a request finds for its upstream.
+enum Found {
+    /// A clone of the sender (two reference counts), so no borrow of the list is held across
+    /// the exchange.
+    Open(SendRequest<RequestBody>),
+    /// Another request is opening the connection.
+    Opening(watch::Receiver<()>),
+    /// Nothing: this request opens the connection, and holds what wakes the others.
+    Vacant(watch::Sender<()>),
+}
+
+/// This worker's connection to `upstream`, or a place to open one.
+fn find(upstream: &Authority) -> Option<Found> {
+    SHARED
+        .try_with(|cell| {
+            let mut conns = cell.borrow_mut();
+            conns.retain(Shared::live);
+            let now = Instant::now();
+            match conns
+                .iter_mut()
+                .find(|c| same_upstream(&c.upstream, upstream))
+            {
+                Some(c) => match &c.state {
+                    State::Open(tx) => {
+                        c.used = now;
+                        Found::Open(tx.clone())
+                    }
+                    State::Opening(rx) => Found::Opening(rx.clone()),
+                },
+                None => {
+                    let (tx, rx) = watch::channel(());
+                    conns.push(Shared {
+                        upstream: upstream.clone(),
+                        state: State::Opening(rx),
+                        used: now,
+                    });
+                    Found::Vacant(tx)
+                }
+            }
+        })
+        .ok()
+}
+
+/// Sends `req` (absolute form: `:authority` is the client's host) on this worker's connection
+/// to `upstream`, opening one when there is none or it has closed. Requests that arrive while
+/// it opens wait for it, as they did in hyper-util's pool, instead of each opening another.
+pub(crate) async fn send(
+    connector: &HttpConnector,
+    upstream: &Authority,
+    mut req: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    // Bounded: a request waits for at most two openings or closing connections, then opens
+    // one of its own, unshared.
+    for _ in 0..3 {
+        match find(upstream) {
+            None => break,
+            Some(Found::Open(mut tx)) => match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::plain)),
+                // Handed back unsent: the connection was closing (GOAWAY); a new one takes it.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(SendError::Http(e.into_error())),
+                },
+            },
+            Some(Found::Opening(mut rx)) => {
+                // Ends when the opener is done, whatever the outcome.
+                let _ = rx.changed().await;
+            }
+            Some(Found::Vacant(opening)) => {
+                // Boxed: a new connection is the rare path, and its handshake's state would
+                // otherwise sit in every request's future.
+                return Box::pin(connect_and_send(connector, upstream, req, Some(opening))).await;
+            }
+        }
+    }
+    Box::pin(connect_and_send(connector, upstream, req, None)).await
+}
+
+/// Opens a connection to `upstream` and sends `req` on it; with `opening`, puts it in the
+/// place reserved for it so later requests share it.
+async fn connect_and_send(
+    connector: &HttpConnector,
+    upstream: &Authority,
+    req: Request<RequestBody>,
+    opening: Option<watch::Sender<()>>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let io = pool::connect(connector, upstream).await?;
+    let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, RequestBody>(io)
+        .await
+        .map_err(SendError::Http)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "h2c upstream connection ended");
+        }
+    });
+    if let Some(opening) = opening {
+        let _ = SHARED.try_with(|cell| {
+            let mut conns = cell.borrow_mut();
+            let mine = opening.subscribe();
+            if let Some(c) = conns
+                .iter_mut()
+                .find(|c| matches!(&c.state, State::Opening(rx) if rx.same_channel(&mine)))
+            {
+                c.state = State::Open(tx.clone());
+                c.used = Instant::now();
+            }
+        });
+        // Dropped here, not at the end: the waiting requests go on now.
+        drop(opening);
+    }
+    let resp = tx.send_request(req).await.map_err(SendError::Http)?;
+    Ok(resp.map(UpstreamBody::plain))
+}
+
+/// Lets go of connections unused for [`IDLE_TIMEOUT`] or closed by the upstream; dropping
+/// the last sender closes a connection once its streams are done.
+pub(crate) fn sweep() {
+    let gone = SHARED
+        .try_with(|cell| {
+            let now = Instant::now();
+            let mut conns = cell.borrow_mut();
+            let (keep, gone): (Vec<Shared>, Vec<Shared>) = std::mem::take(&mut *conns)
+                .into_iter()
+                .partition(|c| c.live() && now.duration_since(c.used) < IDLE_TIMEOUT);
+            *conns = keep;
+            gone
+        })
+        .unwrap_or_default();
+    // Dropped outside the borrow.
+    drop(gone);
+}
