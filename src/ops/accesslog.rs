@@ -350,7 +350,7 @@ mod tests {
             head: HeadText::new(
                 &HeaderValue::from_static("id-\"1\\"),
                 "/a%22b/c",
-                Some(&HeaderValue::from_static("api.example.com")),
+                Some("api.example.com"),
                 None,
             ),
             client: "127.0.0.1:5000".parse().unwrap(),
@@ -379,7 +379,7 @@ mod tests {
         e.head = HeadText::new(
             &HeaderValue::from_static("id-\"1\\"),
             "/health/../postbox/x",
-            Some(&HeaderValue::from_static("api.example.com")),
+            Some("api.example.com"),
             None,
         );
         e.upstream = Some(http::uri::Authority::from_static("127.0.0.1:9001"));

@@ -243,10 +243,16 @@ pub(crate) async fn handle(
     let snapshot = gateway.snapshot.load_full();
     let grpc = error::is_grpc(req.headers());
     let request_id = headers::ensure_request_id(req.headers_mut());
+    // The host the request addressed, as routing reads it: HTTP/2's `:authority` (and an
+    // absolute-form target's) before the Host header.
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(HOST).and_then(|v| v.to_str().ok()),
+    };
     let head = HeadText::new(
         &request_id,
         req.uri().path(),
-        req.headers().get(HOST),
+        host,
         req.headers().get(http::header::USER_AGENT),
     );
     let mut pending = Pending {

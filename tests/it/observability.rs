@@ -64,6 +64,7 @@ async fn access_log_names_refused_keys_failures_and_normalized_paths() {
         route("dead", "/dead/", "http://127.0.0.1:1", "    public: true\n"),
     );
     let auth = format!("Authorization: {}", k.auth());
+    let key = k.auth();
     let lines = log_lines(&routes, &[&k], |addr| async move {
         let a = auth.as_str();
         assert_eq!(get(addr, "/admin/x", &[a]).await.status, 403);
@@ -82,9 +83,25 @@ async fn access_log_names_refused_keys_failures_and_normalized_paths() {
         )
         .await;
         assert_eq!(r, vec![400]);
+        // HTTP/2 names its host in `:authority`, with no Host header.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .uri("http://h2.example/api/h2")
+            .header("authorization", key)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
         tokio::time::sleep(Duration::from_millis(100)).await;
     })
     .await;
+    assert_eq!(find(&lines, "/api/h2")["host"], "h2.example");
     let forbidden = find(&lines, "/admin/x");
     assert_eq!(forbidden["status"], 403);
     assert_eq!(forbidden["key_id"], "k-scope");
