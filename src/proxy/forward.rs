@@ -97,9 +97,9 @@ pub async fn forward(
     };
     let req = Request::from_parts(parts, body);
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let multiplexed = !websocket && route.upstream.scheme == UpstreamScheme::H2c;
     // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole
     // exchange's state, which it would otherwise copy in and out on every request.
-    let multiplexed = !websocket && route.upstream.scheme == UpstreamScheme::H2c;
     let send = std::pin::pin!(async move {
         if own {
             pool::send(clients.connector(), &route.upstream.authority, req).await

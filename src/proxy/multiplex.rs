@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::proxy::pool::{self, same_upstream, UpstreamBody, IDLE_TIMEOUT};
-use crate::proxy::upstream::{RequestBody, SendError};
+use crate::proxy::upstream::{Failure, RequestBody, SendError};
 
 /// One upstream's shared connection, or the request opening it for the others to wait on.
 struct Shared {
@@ -30,8 +30,9 @@ struct Shared {
 enum State {
     Open(SendRequest<RequestBody>),
     /// The opening request holds the sender: it drops it once it has put the connection in
-    /// place, or when it fails or is cancelled, which wakes the waiting requests either way.
-    Opening(watch::Receiver<()>),
+    /// place, or when it fails (sending why first) or is cancelled, which wakes the waiting
+    /// requests either way.
+    Opening(watch::Receiver<Option<Failure>>),
 }
 
 impl Shared {
@@ -55,9 +56,9 @@ enum Found {
     /// the exchange.
     Open(SendRequest<RequestBody>),
     /// Another request is opening the connection.
-    Opening(watch::Receiver<()>),
+    Opening(watch::Receiver<Option<Failure>>),
     /// Nothing: this request opens the connection, and holds what wakes the others.
-    Vacant(watch::Sender<()>),
+    Vacant(watch::Sender<Option<Failure>>),
 }
 
 /// This worker's connection to `upstream`, or a place to open one.
@@ -79,7 +80,7 @@ fn find(upstream: &Authority) -> Option<Found> {
                     State::Opening(rx) => Found::Opening(rx.clone()),
                 },
                 None => {
-                    let (tx, rx) = watch::channel(());
+                    let (tx, rx) = watch::channel(None);
                     conns.push(Shared {
                         upstream: upstream.clone(),
                         state: State::Opening(rx),
@@ -100,8 +101,8 @@ pub(crate) async fn send(
     upstream: &Authority,
     mut req: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    // Bounded: a request waits for at most two openings or closing connections, then opens
-    // one of its own, unshared.
+    // Bounded: after three openings waited for or closing connections met, a request opens a
+    // connection of its own, unshared.
     for _ in 0..3 {
         match find(upstream) {
             None => break,
@@ -116,6 +117,11 @@ pub(crate) async fn send(
             Some(Found::Opening(mut rx)) => {
                 // Ends when the opener is done, whatever the outcome.
                 let _ = rx.changed().await;
+                // The connection could not be opened: the requests that waited for it fail
+                // as the opener did, rather than each trying again for a connect timeout.
+                if let Some(failure) = *rx.borrow() {
+                    return Err(SendError::Opening(failure));
+                }
             }
             Some(Found::Vacant(opening)) => {
                 // Boxed: a new connection is the rare path, and its handshake's state would
@@ -133,18 +139,30 @@ async fn connect_and_send(
     connector: &HttpConnector,
     upstream: &Authority,
     req: Request<RequestBody>,
-    opening: Option<watch::Sender<()>>,
+    opening: Option<watch::Sender<Option<Failure>>>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let io = pool::connect(connector, upstream).await?;
-    let (mut tx, conn) = http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, RequestBody>(io)
-        .await
-        .map_err(SendError::Http)?;
+    let opened = async {
+        let io = pool::connect(connector, upstream).await?;
+        http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, RequestBody>(io)
+            .await
+            .map_err(SendError::Http)
+    };
+    let (mut tx, conn) = match opened.await {
+        Ok(opened) => opened,
+        Err(e) => {
+            if let Some(opening) = &opening {
+                opening.send_replace(Some(Failure::of_send(&e)));
+            }
+            return Err(e);
+        }
+    };
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "h2c upstream connection ended");
         }
     });
+    let shared = opening.is_some();
     if let Some(opening) = opening {
         let _ = SHARED.try_with(|cell| {
             let mut conns = cell.borrow_mut();
@@ -160,8 +178,17 @@ async fn connect_and_send(
         // Dropped here, not at the end: the waiting requests go on now.
         drop(opening);
     }
-    let resp = tx.send_request(req).await.map_err(SendError::Http)?;
-    Ok(resp.map(UpstreamBody::plain))
+    match tx.try_send_request(req).await {
+        Ok(resp) => Ok(resp.map(UpstreamBody::plain)),
+        Err(mut e) => match e.take_message() {
+            // Closed at once (an upstream at its connection limit may do that) with the request
+            // unsent: one more try, on a connection of its own.
+            Some(back) if shared => {
+                Box::pin(connect_and_send(connector, upstream, back, None)).await
+            }
+            _ => Err(SendError::Http(e.into_error())),
+        },
+    }
 }
 
 /// Lets go of connections unused for [`IDLE_TIMEOUT`] or closed by the upstream; dropping

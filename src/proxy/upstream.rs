@@ -64,6 +64,7 @@ impl Failure {
             SendError::Legacy(e) => Failure::of(e, false),
             SendError::Connect(e) => Failure::of(e.as_ref(), true),
             SendError::Http(e) => Failure::of(e, false),
+            SendError::Opening(f) => *f,
         }
     }
 
@@ -123,6 +124,9 @@ pub enum SendError {
     /// The HTTP/1.1 or h2c exchange failed.
     #[error("{0}")]
     Http(#[source] hyper::Error),
+    /// The shared h2c connection this request waited for could not be opened.
+    #[error("the shared upstream connection could not be opened ({})", .0.as_str())]
+    Opening(Failure),
 }
 
 /// Why an upstream exchange failed.

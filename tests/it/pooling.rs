@@ -146,36 +146,47 @@ async fn dropped_kept_alive_connection(reset: bool) {
 }
 
 /// An h2c upstream that counts connections, answers each request after `delay` (so requests
-/// overlap), and closes each connection gracefully (GOAWAY) `life` after it opened.
-async fn h2c_upstream(delay: Duration, life: Duration) -> (String, Arc<AtomicUsize>) {
-    let (addr, conns) = counting_upstream(move |s| async move {
-        let svc = hyper::service::service_fn(move |_req| async move {
-            tokio::time::sleep(delay).await;
-            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                b"ok",
-            ))))
-        });
-        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .serve_connection(TokioIo::new(s), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = tokio::time::sleep(life) => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+/// overlap), and closes each connection gracefully (GOAWAY) `life` after it opened. Returns
+/// the connections opened and the connections closed.
+async fn h2c_upstream(
+    delay: Duration,
+    life: Duration,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let ended = closed.clone();
+    let (addr, conns) = counting_upstream(move |s| {
+        let ended = ended.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |_req| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            });
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(life) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
+            ended.fetch_add(1, Ordering::SeqCst);
         }
     })
     .await;
-    (format!("h2c://{addr}"), conns)
+    (format!("h2c://{addr}"), conns, closed)
 }
-#[tokio::test]
-async fn an_h2c_upstream_connection_is_shared_and_replaced_once_closed() {
-    let (url, conns) = h2c_upstream(Duration::from_millis(100), Duration::from_secs(2)).await;
-    let k = TestKey::new("k", "sa", &["s.a"]);
-    let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
-    // One downstream HTTP/2 connection: its requests run on one worker, concurrently.
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+
+/// One downstream HTTP/2 connection to the gateway: its requests run on one worker,
+/// concurrently.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(stream),
@@ -183,36 +194,115 @@ async fn an_h2c_upstream_connection_is_shared_and_replaced_once_closed() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    let burst = async |n: usize| {
-        let calls = (0..n).map(|i| {
-            let mut send = send.clone();
-            let auth = k.auth();
-            async move {
-                let req = http::Request::builder()
-                    .uri(format!("http://t/api/{i}"))
-                    .header("authorization", auth)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let resp = send.send_request(req).await.unwrap();
-                let status = resp.status();
-                (status, resp.into_body().collect().await.unwrap().to_bytes())
+    send
+}
+
+/// `n` GETs of `/api/{i}`, all in flight together, the i-th sent `stagger * i` late; each
+/// one's status and body.
+async fn h2_burst(
+    send: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    n: u32,
+    stagger: Duration,
+    auth: Option<&str>,
+) -> Vec<(http::StatusCode, Bytes)> {
+    let calls = (0..n).map(|i| {
+        let mut send = send.clone();
+        async move {
+            tokio::time::sleep(stagger * i).await;
+            let mut req = http::Request::builder().uri(format!("http://t/api/{i}"));
+            if let Some(auth) = auth {
+                req = req.header("authorization", auth);
             }
-        });
-        for (status, body) in futures_util::future::join_all(calls).await {
+            let resp = send
+                .send_request(req.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.into_body().collect().await.unwrap().to_bytes())
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+fn statuses(replies: &[(http::StatusCode, Bytes)]) -> Vec<u16> {
+    replies.iter().map(|(s, _)| s.as_u16()).collect()
+}
+
+#[tokio::test]
+async fn an_h2c_upstream_connection_is_shared_and_replaced_once_closed() {
+    let (url, conns, closed) =
+        h2c_upstream(Duration::from_millis(100), Duration::from_secs(3)).await;
+    let k = TestKey::new("k", "sa", &["s.a"]);
+    let gw = Gateway::start(&route("api", "/api/", &url, "    scopes: [s.a]\n"), &[&k]).await;
+    let send = h2_client(gw.addr).await;
+    let auth = k.auth();
+    let burst = async || {
+        for (status, body) in h2_burst(&send, 20, Duration::ZERO, Some(&auth)).await {
             assert_eq!(status, 200);
             assert_eq!(body, "ok");
         }
     };
     // Twenty at once before any connection exists: they wait for the first one's.
-    burst(20).await;
+    burst().await;
     connections(
         &conns,
         1,
         "twenty overlapping requests, one upstream connection",
     );
-    // Past the connection's life: the upstream sent GOAWAY and closed it.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    burst(20).await;
+    // The connection's life ends: the upstream sends GOAWAY and closes it.
+    assert!(
+        eventually(10, || async { closed.load(Ordering::SeqCst) == 1 }).await,
+        "the upstream never closed its connection"
+    );
+    burst().await;
     connections(&conns, 2, "a new connection after the GOAWAY, shared again");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_an_h2c_connection_that_cannot_open_fail_with_it() {
+    // A listener whose accept queue is full: connects to it time out (SYNs are dropped).
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    let gw = Gateway::start_with(
+        "limits:\n  upstream_connect_timeout: 1s\n",
+        &route(
+            "api",
+            "/api/",
+            &format!("h2c://{addr}"),
+            "    public: true\n    timeout: 3s\n",
+        ),
+        &[],
+    )
+    .await;
+    let send = h2_client(gw.addr).await;
+    // Each waiter dialling again in turn would run past the route's 3 s: 504s.
+    let got = statuses(&h2_burst(&send, 10, Duration::ZERO, None).await);
+    assert!(
+        got.iter().all(|s| *s == 502),
+        "every request fails as the connection did: {got:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_keep_succeeding_while_h2c_upstream_connections_come_and_go() {
+    // Each connection lives 200 ms: GOAWAYs keep arriving while requests are in flight.
+    let (url, conns, _) = h2c_upstream(Duration::from_millis(20), Duration::from_millis(200)).await;
+    let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
+    let send = h2_client(gw.addr).await;
+    let got = statuses(&h2_burst(&send, 60, Duration::from_millis(25), None).await);
+    assert!(
+        got.iter().all(|s| *s == 200),
+        "no request lost to a closing connection: {got:?}"
+    );
+    assert!(
+        conns.load(Ordering::SeqCst) >= 3,
+        "connections were replaced along the way"
+    );
     gw.stop().await;
 }
