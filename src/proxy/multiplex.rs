@@ -27,6 +27,7 @@ struct Shared {
     used: Instant,
 }
 
+/// A shared connection, or the promise of one.
 enum State {
     Open(SendRequest<RequestBody>),
     /// The opening request holds the sender: it drops it once it has put the connection in
