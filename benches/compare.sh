@@ -12,7 +12,7 @@
 #                                   (KEYS_BIG=0 skips it)
 #   WORKERS [nproc]          keygate workers, HAProxy threads, nginx workers, Envoy concurrency
 #   ENVOY [1]                0 skips Envoy (also skipped, with a note, if it cannot be installed)
-#   BASE_PORT [18180]        ports BASE_PORT+1..+7 on 127.0.0.1 (pick another if they are taken)
+#   BASE_PORT [18180]        ports BASE_PORT+1..+8 on 127.0.0.1 (pick another if they are taken)
 #   KEYGATE_BIN              use this binary instead of `cargo build --release`
 #
 # What each proxy does per request (the same work, as far as each allows):
@@ -28,8 +28,10 @@
 # All forward over keep-alive to one nginx upstream (its own process, so every proxy's CPU is
 # measured alone) answering a tiny 200. HTTP/1.1 load: wrk with a Lua script cycling through
 # every key. h2c load: h2load (prior knowledge; one key, h2load sends fixed headers) against
-# keygate's own port, an HAProxy `bind ... proto h2` port and Envoy's AUTO codec port; the
-# upstream stays HTTP/1.1. Runs are interleaved so machine noise hits every proxy.
+# keygate's own port, an HAProxy `bind ... proto h2` port and Envoy's AUTO codec port, once with
+# the HTTP/1.1 upstream and once (paths under /h2/) with an h2c one: a second nginx server,
+# `listen ... http2`, which each proxy reaches over HTTP/2 with prior knowledge. Runs are
+# interleaved so machine noise hits every proxy.
 #
 # Measured: req/s; p50/p99 (wrk's --latency histogram; h2load's --log-file per-request times);
 # CPU per request = the proxy's utime+stime from /proc/PID/stat over the run / requests (nginx:
@@ -101,8 +103,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 UP=$((BASE_PORT + 1)) KG=$((BASE_PORT + 2)) HA=$((BASE_PORT + 3)) NG=$((BASE_PORT + 4))
-HA2=$((BASE_PORT + 5)) EN=$((BASE_PORT + 6)) KGB=$((BASE_PORT + 7))
-for p in $UP $KG $HA $NG $HA2 $EN $KGB; do
+HA2=$((BASE_PORT + 5)) EN=$((BASE_PORT + 6)) KGB=$((BASE_PORT + 7)) UP2=$((BASE_PORT + 8))
+for p in $UP $KG $HA $NG $HA2 $EN $KGB $UP2; do
   [ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ] || die "port $p is in use; set BASE_PORT"
 done
 
@@ -126,6 +128,11 @@ http {
   server {
     listen 127.0.0.1:$UP backlog=4096;
     location = /api/check { return 200 "auth=[\$http_authorization] id=[\$http_x_api_key_id]\n"; }
+    location / { return 200 "ok\n"; }
+  }
+  server {
+    listen 127.0.0.1:$UP2 http2 backlog=4096;
+    location = /h2/api/check { return 200 "auth=[\$http_authorization] id=[\$http_x_api_key_id]\n"; }
     location / { return 200 "ok\n"; }
   }
 }
@@ -173,6 +180,10 @@ routes:
     path_prefix: /api/
     upstream: http://127.0.0.1:$UP
     scopes: [bench.call]
+  - name: h2
+    path_prefix: /h2/
+    upstream: h2c://127.0.0.1:$UP2
+    scopes: [bench.call]
 CONF
 }
 kg_config "$KG" "$work/k/keygate-keys.yaml" > "$work/keygate.yaml"
@@ -202,9 +213,12 @@ frontend fe
   http-request deny deny_status 401 unless { var(txn.key_id) -m found }
   http-request del-header authorization
   http-request set-header X-Api-Key-Id %[var(txn.key_id)]
+  use_backend be_h2 if { path_beg /h2/ }
   default_backend be
 backend be
   server up 127.0.0.1:$UP
+backend be_h2
+  server up2 127.0.0.1:$UP2 proto h2
 CONF
 haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 & pids+=($!)
 HA_PID=$!
@@ -226,7 +240,9 @@ static_resources:
             virtual_hosts:
             - name: all
               domains: ["*"]
-              routes: [{match: {prefix: "/"}, route: {cluster: up}}]
+              routes:
+              - {match: {prefix: "/h2/"}, route: {cluster: up2}}
+              - {match: {prefix: "/"}, route: {cluster: up}}
           http_filters:
           - name: envoy.filters.http.api_key_auth
             typed_config:
@@ -242,6 +258,15 @@ static_resources:
     load_assignment:
       cluster_name: up
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP}}}}]}]
+  - name: up2
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: up2
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP2}}}}]}]
 CONF
   "$ENVOY_BIN" -c "$work/envoy.yaml" --concurrency "$WORKERS" --disable-hot-restart -l error \
     > "$work/envoy.log" 2>&1 & pids+=($!)
@@ -274,12 +299,15 @@ wait_up 10 "http://127.0.0.1:$HA/" || die "haproxy did not start"
 wait_up 30 "http://127.0.0.1:$KG/" || die "keygate did not start"
 check keygate "http://127.0.0.1:$KG" Api-Key || die "keygate setup check failed"
 check keygate-h2c "http://127.0.0.1:$KG" Api-Key --http2-prior-knowledge || die "keygate h2c check failed"
+check keygate-h2c-up "http://127.0.0.1:$KG/h2" Api-Key --http2-prior-knowledge || die "keygate h2c-upstream check failed"
 check haproxy "http://127.0.0.1:$HA" Api-Key || die "haproxy setup check failed"
 check haproxy-h2c "http://127.0.0.1:$HA2" Api-Key --http2-prior-knowledge || die "haproxy h2c check failed"
+check haproxy-h2c-up "http://127.0.0.1:$HA2/h2" Api-Key --http2-prior-knowledge || die "haproxy h2c-upstream check failed"
 check nginx "http://127.0.0.1:$NG" Api-Key || die "nginx setup check failed"
 if [ -n "$EN_PID" ]; then
   if ! wait_up 20 "http://127.0.0.1:$EN/" || ! check envoy "http://127.0.0.1:$EN" Bearer ||
-    ! check envoy-h2c "http://127.0.0.1:$EN" Bearer --http2-prior-knowledge; then
+    ! check envoy-h2c "http://127.0.0.1:$EN" Bearer --http2-prior-knowledge ||
+    ! check envoy-h2c-up "http://127.0.0.1:$EN/h2" Bearer --http2-prior-knowledge; then
     note "Envoy did not start or failed the setup check (log: $(tail -n 3 "$work/envoy.log" | tr '\n' ' ')); its rows are skipped"
     kill "$EN_PID" 2>/dev/null || true
     EN_PID=""
@@ -341,6 +369,7 @@ run_h2() { # name url scheme
 
 # Rows: load|proxy|pid|url|scheme|keys-file. Same order every round; rounds interleave.
 H1="HTTP/1.1 wrk, $KEYS keys" H2="h2c h2load, 1 of $KEYS keys" HB="HTTP/1.1 wrk, $KEYS_BIG keys"
+H2U="h2c h2load, h2c upstream"
 rows=(
   "$H1|keygate|$KG_PID|http://127.0.0.1:$KG|Api-Key|$work/k/keys.txt"
   "$H1|haproxy|$HA_PID|http://127.0.0.1:$HA|Api-Key|$work/k/keys.txt"
@@ -352,6 +381,11 @@ rows+=(
   "$H2|haproxy|$HA_PID|http://127.0.0.1:$HA2|Api-Key|"
 )
 [ -n "$EN_PID" ] && rows+=("$H2|envoy|$EN_PID|http://127.0.0.1:$EN|Bearer|")
+rows+=(
+  "$H2U|keygate|$KG_PID|http://127.0.0.1:$KG/h2|Api-Key|"
+  "$H2U|haproxy|$HA_PID|http://127.0.0.1:$HA2/h2|Api-Key|"
+)
+[ -n "$EN_PID" ] && rows+=("$H2U|envoy|$EN_PID|http://127.0.0.1:$EN/h2|Bearer|")
 [ -n "$KGB_PID" ] && rows+=("$HB|keygate|$KGB_PID|http://127.0.0.1:$KGB|Api-Key|$work/kbig/keys.txt")
 
 declare -A RPS P50 P99 CPU RSS
