@@ -244,11 +244,13 @@ pub(crate) async fn handle(
     let grpc = error::is_grpc(req.headers());
     let request_id = headers::ensure_request_id(req.headers_mut());
     // The host the request addressed, as routing reads it: HTTP/2's `:authority` (and an
-    // absolute-form target's) before the Host header.
+    // absolute-form target's) before the Host header. Userinfo, which `ingress` refuses, is
+    // never logged.
     let host = match req.uri().authority() {
         Some(a) => Some(a.as_str()),
         None => req.headers().get(HOST).and_then(|v| v.to_str().ok()),
-    };
+    }
+    .and_then(|h| h.rsplit('@').next());
     let head = HeadText::new(
         &request_id,
         req.uri().path(),
@@ -404,6 +406,10 @@ pub(crate) fn ingress<B>(
     }
     if host.as_ref().is_some_and(|v| v.to_str().is_err()) {
         return Err(GatewayError::BadRequest("Host header is not valid"));
+    }
+    // RFC 9110 4.2.4: userinfo in a host is an error; it would reach the upstream and logs.
+    if host.as_ref().is_some_and(|v| v.as_bytes().contains(&b'@')) {
+        return Err(GatewayError::BadRequest("the host must not carry userinfo"));
     }
     Ok(host)
 }

@@ -106,5 +106,16 @@ async fn absolute_form_routes_by_its_authority() {
     )
     .await;
     assert_eq!(r.status, 400);
+    // Userinfo in the target or in Host is refused: it would reach the upstream and the log.
+    let before = public.count();
+    for req in [
+        &b"GET http://user:pw@api.example.com/health HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"[..],
+        b"GET /health HTTP/1.1\r\nHost: user:pw@api.example.com\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = raw(gw.addr, req).await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(req));
+        assert_eq!(r.code(), "bad_request");
+    }
+    assert_eq!(public.count(), before, "nothing forwarded");
     gw.stop().await;
 }
