@@ -47,7 +47,8 @@ fn hop(text: &str) -> Option<IpAddr> {
 /// Resolves the client of a request that came from `peer`.
 ///
 /// Hops are read right to left: each trusted one may name the next; the first untrusted
-/// address is the client. An unreadable hop ends the walk at the last address believed.
+/// address is the client. An unreadable hop ends the walk at the last address believed;
+/// empty ones are skipped.
 pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> Client {
     let peer = canonical(peer);
     if trusted_proxies.is_empty() || !trusted(trusted_proxies, peer) {
@@ -60,6 +61,11 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -> 
     'walk: for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
         let Ok(value) = value.to_str() else { break };
         for text in value.rsplit(',') {
+            // An empty element or line names no hop: skipped, as forwarding joins the lines
+            // without them (`headers::set_forwarded`).
+            if text.trim().is_empty() {
+                continue;
+            }
             let Some(next) = hop(text) else { break 'walk };
             ip = next;
             if !trusted(trusted_proxies, next) {
@@ -118,5 +124,8 @@ mod tests {
         assert_eq!(resolve(lb, &ports, &t).ip.to_string(), "198.51.100.8");
         let mapped: IpAddr = "::ffff:10.0.0.5".parse().unwrap();
         assert_eq!(resolve(mapped, &h, &t).ip.to_string(), "198.51.100.7");
+        // Empty lines and elements name no hop, as forwarding drops them when it joins.
+        let gaps = xff(&["198.51.100.9, ", "", "10.1.1.1"]);
+        assert_eq!(resolve(lb, &gaps, &t).ip.to_string(), "198.51.100.9");
     }
 }
