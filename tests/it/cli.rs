@@ -8,21 +8,41 @@ use crate::support::*;
 
 /// A loopback port nothing listens on, for a gateway process to bind.
 ///
-/// Taken below the kernel's ephemeral range: a port-0 bind elsewhere in this run (an upstream,
+/// Taken outside the kernel's ephemeral range: a port-0 bind elsewhere in this run (an upstream,
 /// an in-process gateway, a client socket) is handed ports from that range, and could take a
 /// port this returned before the gateway process binds it, leaving the test talking to some
 /// other test's server.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+    let range: Vec<u32> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    let span = low.saturating_sub(1024).clamp(1, 16384);
-    let start = low - span;
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (low, high) = match range[..] {
+        [low, high] => (low, high),
+        _ => (32768, 60999),
+    };
+    // Below the range when it leaves room there, else above it.
+    let (start, span) = if low >= 1024 + 4096 {
+        let span = (low - 1024).min(16384);
+        (low - span, span)
+    } else {
+        (high + 1, 65535u32.saturating_sub(high))
+    };
+    if span < 1024 {
+        // No room outside the range (a tuned host): the old way, with its small race.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+    }
     // Another run of these tests at the same moment starts elsewhere in the span.
-    let offset = std::process::id().wrapping_mul(7919);
+    let offset = std::process::id().wrapping_mul(2_654_435_761) >> 8;
     for _ in 0..span {
         let port = start + offset.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         let Ok(port) = u16::try_from(port) else {
@@ -32,7 +52,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free port in {start}..{low}");
+    panic!("no free port in {start}..{}", start + span);
 }
 
 /// A gateway process; killed with SIGTERM on drop.
