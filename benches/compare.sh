@@ -132,6 +132,8 @@ http {
   }
   server {
     listen 127.0.0.1:$UP2 http2 backlog=4096;
+    # Above h2load's streams, so a proxy keeping one connection per worker never queues.
+    http2_max_concurrent_streams 1024;
     location = /h2/api/check { return 200 "auth=[\$http_authorization] id=[\$http_x_api_key_id]\n"; }
     location / { return 200 "ok\n"; }
   }
@@ -369,7 +371,7 @@ run_h2() { # name url scheme
 
 # Rows: load|proxy|pid|url|scheme|keys-file. Same order every round; rounds interleave.
 H1="HTTP/1.1 wrk, $KEYS keys" H2="h2c h2load, 1 of $KEYS keys" HB="HTTP/1.1 wrk, $KEYS_BIG keys"
-H2U="h2c h2load, h2c upstream"
+H2U="h2c h2load, 1 of $KEYS keys, h2c upstream"
 rows=(
   "$H1|keygate|$KG_PID|http://127.0.0.1:$KG|Api-Key|$work/k/keys.txt"
   "$H1|haproxy|$HA_PID|http://127.0.0.1:$HA|Api-Key|$work/k/keys.txt"
