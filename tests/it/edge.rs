@@ -541,14 +541,7 @@ async fn h2c_upstream_nginx_gets_the_client_host_as_authority() {
     assert!(body.contains("proto=HTTP/2.0"), "{body}");
 
     // Through an HTTP/2 client too.
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_client(gw.addr).await;
     let req = http::Request::builder()
         .uri("http://api.example.com/y")
         .header("authorization", k.auth())

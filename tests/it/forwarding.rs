@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -237,12 +237,7 @@ async fn ten_mib_response_streams_back() {
 async fn http2_prior_knowledge_on_the_same_port() {
     let k = TestKey::new("k", "sa", &["s.a"]);
     let (up, gw) = setup(&k).await;
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_client(gw.addr).await;
     for (auth, want) in [(Some(k.auth()), 200), (None, 401)] {
         let mut req = http::Request::builder()
             .method("POST")

@@ -84,14 +84,7 @@ async fn access_log_names_refused_keys_failures_and_normalized_paths() {
         .await;
         assert_eq!(r, vec![400]);
         // HTTP/2 names its host in `:authority`, with no Host header.
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut h2, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let mut h2 = h2_client(addr).await;
         let req = http::Request::builder()
             .uri("http://h2.example/api/h2")
             .header("authorization", key)

@@ -181,22 +181,6 @@ async fn h2c_upstream(
     (format!("h2c://{addr}"), conns, closed)
 }
 
-/// One downstream HTTP/2 connection to the gateway: its requests run on one worker,
-/// concurrently.
-async fn h2_client(
-    addr: std::net::SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
 /// `n` GETs of `/api/{i}`, all in flight together, the i-th sent `stagger * i` late; each
 /// one's status and body.
 async fn h2_burst(

@@ -382,6 +382,23 @@ impl Gateway {
     }
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`, driven by a task of its own. Its
+/// requests run on one gateway worker.
+pub async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
 pub struct Reply {
