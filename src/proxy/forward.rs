@@ -97,7 +97,7 @@ pub async fn forward(
     };
     let req = Request::from_parts(parts, body);
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let multiplexed = !websocket && route.upstream.scheme == UpstreamScheme::H2c;
+    let multiplexed = clients.shared_connection(route, websocket);
     // Pinned where it is built: `timeout` then holds a pointer, not a copy of the whole
     // exchange's state, which it would otherwise copy in and out on every request.
     let send = std::pin::pin!(async move {

@@ -388,6 +388,12 @@ impl Forwarder {
         !upgrade && !self.pinned(route)
     }
 
+    /// True when `req` goes on the worker's shared h2c connection (`proxy::multiplex`): an
+    /// h2c route, and not a WebSocket handshake (`upgrade`), which stays on the route's client.
+    pub(crate) fn shared_connection(&self, route: &Route, upgrade: bool) -> bool {
+        !upgrade && route.upstream.scheme == UpstreamScheme::H2c
+    }
+
     /// Starts `req` on hyper-util's client: the route's own, else the shared HTTP/1.1 one.
     pub(crate) fn start(&self, route: &Route, req: Request<RequestBody>) -> ResponseFuture {
         match self.by_route.get(route.index).and_then(Option::as_ref) {
