@@ -104,9 +104,16 @@ pub async fn forward(
         if own {
             pool::send(clients.connector(), &route.upstream.authority, req).await
         } else if multiplexed {
-            multiplex::send(clients.connector(), &route.upstream.authority, req).await
-        } else {
+            multiplex::resending(req, |req| {
+                multiplex::send(clients.connector(), &route.upstream.authority, req)
+            })
+            .await
+        } else if websocket {
+            // An upgrade is HTTP/1.1 (RFC 9113 8.6): no stream to be refused.
             legacy(clients.start(route, req)).await
+        } else {
+            // https upstreams may speak HTTP/2 too (ALPN).
+            multiplex::resending(req, |req| legacy(clients.start(route, req))).await
         }
     });
     let mut resp = match tokio::time::timeout(deadline, send).await {

@@ -6,12 +6,19 @@
 //! instructions of the h2c-upstream path. The worker runs one single-threaded runtime, so the
 //! thread-local list needs no lock. The connection keeps its own task (hyper spawns one per
 //! HTTP/2 connection), as the legacy client's did.
+//!
+//! Also here: sending again what an HTTP/2 upstream did not process. nginx closes an HTTP/2
+//! connection after `keepalive_requests` (1,000 by default) with a GOAWAY that drops every
+//! stream above the last one it took; under load that was a 502 for about one request in
+//! twenty.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::time::Instant;
 
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -22,6 +29,8 @@ use crate::proxy::upstream::{Failure, RequestBody, SendError};
 
 /// One upstream's shared connection, or the request opening it for the others to wait on.
 struct Shared {
+    /// Tells this connection from the one that replaces it.
+    id: u64,
     upstream: Authority,
     state: State,
     used: Instant,
@@ -49,17 +58,20 @@ impl Shared {
 thread_local! {
     /// This worker's h2c connections, one per upstream.
     static SHARED: RefCell<Vec<Shared>> = const { RefCell::new(Vec::new()) };
+    /// The next [`Shared::id`].
+    static NEXT_ID: Cell<u64> = const { Cell::new(0) };
 }
 
 /// What a request finds for its upstream.
 enum Found {
     /// A clone of the sender (two reference counts), so no borrow of the list is held across
-    /// the exchange.
-    Open(SendRequest<RequestBody>),
+    /// the exchange, and the connection's id.
+    Open(SendRequest<RequestBody>, u64),
     /// Another request is opening the connection.
     Opening(watch::Receiver<Option<Failure>>),
-    /// Nothing: this request opens the connection, and holds what wakes the others.
-    Vacant(watch::Sender<Option<Failure>>),
+    /// Nothing: this request opens the connection (with this id), and holds what wakes the
+    /// others.
+    Vacant(watch::Sender<Option<Failure>>, u64),
 }
 
 /// This worker's connection to `upstream`, or a place to open one.
@@ -76,18 +88,20 @@ fn find(upstream: &Authority) -> Option<Found> {
                 Some(c) => match &c.state {
                     State::Open(tx) => {
                         c.used = now;
-                        Found::Open(tx.clone())
+                        Found::Open(tx.clone(), c.id)
                     }
                     State::Opening(rx) => Found::Opening(rx.clone()),
                 },
                 None => {
                     let (tx, rx) = watch::channel(None);
+                    let id = NEXT_ID.with(|n| n.replace(n.get() + 1));
                     conns.push(Shared {
+                        id,
                         upstream: upstream.clone(),
                         state: State::Opening(rx),
                         used: now,
                     });
-                    Found::Vacant(tx)
+                    Found::Vacant(tx, id)
                 }
             }
         })
@@ -107,12 +121,12 @@ pub(crate) async fn send(
     for _ in 0..3 {
         match find(upstream) {
             None => break,
-            Some(Found::Open(mut tx)) => match tx.try_send_request(req).await {
+            Some(Found::Open(mut tx, id)) => match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::plain)),
                 // Handed back unsent: the connection was closing (GOAWAY); a new one takes it.
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
-                    None => return Err(SendError::Http(e.into_error())),
+                    None => return Err(failed(e.into_error(), id)),
                 },
             },
             Some(Found::Opening(mut rx)) => {
@@ -124,10 +138,16 @@ pub(crate) async fn send(
                     return Err(SendError::Opening(failure));
                 }
             }
-            Some(Found::Vacant(opening)) => {
+            Some(Found::Vacant(opening, id)) => {
                 // Boxed: a new connection is the rare path, and its handshake's state would
                 // otherwise sit in every request's future.
-                return Box::pin(connect_and_send(connector, upstream, req, Some(opening))).await;
+                return Box::pin(connect_and_send(
+                    connector,
+                    upstream,
+                    req,
+                    Some((opening, id)),
+                ))
+                .await;
             }
         }
     }
@@ -140,7 +160,7 @@ async fn connect_and_send(
     connector: &HttpConnector,
     upstream: &Authority,
     req: Request<RequestBody>,
-    opening: Option<watch::Sender<Option<Failure>>>,
+    opening: Option<(watch::Sender<Option<Failure>>, u64)>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let opened = async {
         let io = pool::connect(connector, upstream).await?;
@@ -152,7 +172,7 @@ async fn connect_and_send(
     let (mut tx, conn) = match opened.await {
         Ok(opened) => opened,
         Err(e) => {
-            if let Some(opening) = &opening {
+            if let Some((opening, _)) = &opening {
                 opening.send_replace(Some(Failure::of_send(&e)));
             }
             return Err(e);
@@ -163,15 +183,11 @@ async fn connect_and_send(
             tracing::debug!(error = %e, "h2c upstream connection ended");
         }
     });
-    let shared = opening.is_some();
-    if let Some(opening) = opening {
+    let shared = opening.as_ref().map(|(_, id)| *id);
+    if let Some((opening, id)) = opening {
         let _ = SHARED.try_with(|cell| {
             let mut conns = cell.borrow_mut();
-            let mine = opening.subscribe();
-            if let Some(c) = conns
-                .iter_mut()
-                .find(|c| matches!(&c.state, State::Opening(rx) if rx.same_channel(&mine)))
-            {
+            if let Some(c) = conns.iter_mut().find(|c| c.id == id) {
                 c.state = State::Open(tx.clone());
                 c.used = Instant::now();
             }
@@ -184,11 +200,99 @@ async fn connect_and_send(
         Err(mut e) => match e.take_message() {
             // Closed at once (an upstream at its connection limit may do that) with the request
             // unsent: one more try, on a connection of its own.
-            Some(back) if shared => {
+            Some(back) if shared.is_some() => {
                 Box::pin(connect_and_send(connector, upstream, back, None)).await
             }
-            _ => Err(SendError::Http(e.into_error())),
+            _ => Err(match shared {
+                Some(id) => failed(e.into_error(), id),
+                None => SendError::Http(e.into_error()),
+            }),
         },
+    }
+}
+
+/// The error of a request sent on shared connection `id`. A GOAWAY also retires the
+/// connection at once, so a request sent again does not meet it before hyper has seen it
+/// close.
+fn failed(err: hyper::Error, id: u64) -> SendError {
+    let err = SendError::Http(err);
+    if h2_error(&err).is_some_and(|e| e.is_go_away() && e.is_remote()) {
+        let gone = SHARED.try_with(|cell| {
+            let mut conns = cell.borrow_mut();
+            conns
+                .iter()
+                .position(|c| c.id == id)
+                .map(|i| conns.swap_remove(i))
+        });
+        // Dropped outside the borrow.
+        drop(gone);
+    }
+    err
+}
+
+/// The HTTP/2 error in `err`'s source chain, if any.
+fn h2_error(err: &SendError) -> Option<&h2::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// True when an HTTP/2 upstream did not process the request: it refused the stream
+/// (`REFUSED_STREAM`), or the stream was above the last one its GOAWAY kept, or it was sent
+/// after that GOAWAY. RFC 9113 8.7 makes such a request safe to send again, whatever its
+/// method; h2 gives a remote GOAWAY's error to those streams only.
+fn unprocessed(err: &SendError) -> bool {
+    h2_error(err).is_some_and(|e| {
+        e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }) || dropped_unsent(err)
+}
+
+/// True for the request hyper's HTTP/2 client held back, waiting for a stream slot at the
+/// upstream's `max_concurrent_streams`, when a GOAWAY ended its connection: hyper drops it
+/// unsent with "dispatch task is gone", a user error it has no predicate for. Only on this
+/// module's connections, which are all HTTP/2: hyper's HTTP/1.1 client says the same when
+/// its task is dropped mid-exchange.
+fn dropped_unsent(err: &SendError) -> bool {
+    matches!(err, SendError::Http(e)
+        if e.is_user() && e.to_string().starts_with("dispatch task is gone"))
+}
+
+/// How many times a request an HTTP/2 upstream did not process is sent again.
+const RESENDS: usize = 4;
+
+/// Sends `req` with `send`; a bodyless request an HTTP/2 upstream did not process (see
+/// [`unprocessed`]) is sent again, up to [`RESENDS`] times. A request with a body is not:
+/// its body went to the first try.
+pub(crate) async fn resending<F, Fut>(
+    mut req: Request<RequestBody>,
+    mut send: F,
+) -> Result<Response<UpstreamBody>, SendError>
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Result<Response<UpstreamBody>, SendError>>,
+{
+    let mut left = RESENDS;
+    let mut head = req.body().is_end_stream().then(|| pool::head_of(&req));
+    loop {
+        match send(req).await {
+            Err(e) if unprocessed(&e) => match head.take() {
+                Some(h) => {
+                    tracing::debug!(error = %e, "the HTTP/2 upstream did not process the request; sending again");
+                    left -= 1;
+                    if left > 0 {
+                        head = Some(pool::head_of(&h));
+                    }
+                    req = h;
+                }
+                None => return Err(e),
+            },
+            done => return done,
+        }
     }
 }
 

@@ -343,7 +343,7 @@ fn resendable(req: &Request<RequestBody>) -> bool {
 }
 
 /// A copy of a bodyless request, for sending it again.
-fn head_of(req: &Request<RequestBody>) -> Request<RequestBody> {
+pub(crate) fn head_of(req: &Request<RequestBody>) -> Request<RequestBody> {
     let mut copy = Request::new(RequestBody::empty());
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();

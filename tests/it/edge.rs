@@ -469,14 +469,19 @@ async fn websocket_ends_when_its_key_expires_and_at_shutdown_grace() {
 }
 
 /// nginx with `listen ... http2` (h2c with prior knowledge) that echoes the host it saw.
-struct Nginx {
+pub(crate) struct Nginx {
     child: std::process::Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
     async fn start() -> Option<Nginx> {
+        Nginx::start_with("").await
+    }
+
+    /// With `http` added to its `http` block.
+    pub(crate) async fn start_with(http: &str) -> Option<Nginx> {
         if !peer_available("nginx", std::process::Command::new("nginx").arg("-v")) {
             return None;
         }
@@ -484,7 +489,7 @@ impl Nginx {
         let port = free_port();
         let p = dir.path().display();
         let conf = format!(
-            "daemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ return 200 \"host=$host http_host=$http_host proto=$server_protocol\\n\"; }}\n  }}\n}}\n"
+            "daemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  {http}\n  server {{\n    listen 127.0.0.1:{port} http2;\n    location / {{ return 200 \"host=$host http_host=$http_host proto=$server_protocol\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let child = std::process::Command::new("nginx")

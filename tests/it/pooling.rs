@@ -290,3 +290,142 @@ async fn requests_keep_succeeding_while_h2c_upstream_connections_come_and_go() {
     );
     gw.stop().await;
 }
+
+/// An h2c upstream written with the h2 crate, which can refuse a stream: it answers "ok",
+/// but refuses (`REFUSED_STREAM`) every other stream it sees, the first included.
+/// Returns the streams it saw.
+async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    let (addr, _) = counting_upstream(move |s| {
+        let seen = seen.clone();
+        async move {
+            let Ok(mut conn) = h2::server::handshake(s).await else {
+                return;
+            };
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                if seen.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                }
+            }
+        }
+    })
+    .await;
+    (format!("h2c://{addr}"), streams)
+}
+
+/// One request on `send`: its status and body.
+async fn h2_call(
+    send: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    method: &str,
+    body: &'static str,
+) -> (u16, Bytes) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri("http://t/api/x")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let resp = send.clone().send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_unless_it_carried_a_body() {
+    let (url, streams) = refusing_upstream().await;
+    let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
+    let send = h2_client(gw.addr).await;
+    // REFUSED_STREAM: the upstream did not act on it (RFC 9113 8.7), so any method may go
+    // again; a POST without a body too.
+    assert_eq!(h2_call(&send, "GET", "").await, (200, Bytes::from("ok")));
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        2,
+        "refused, then sent again"
+    );
+    assert_eq!(h2_call(&send, "POST", "").await, (200, Bytes::from("ok")));
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        4,
+        "refused, then sent again"
+    );
+    // A body went with the first try and is gone: no second one.
+    let (status, _) = h2_call(&send, "POST", "x").await;
+    assert_eq!(status, 502);
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        5,
+        "a body is never sent twice"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_a_closing_h2c_upstream_did_not_take_are_sent_on_a_new_connection() {
+    // One stream at a time per connection, and one request per connection: the upstream
+    // takes a stream, says GOAWAY at once, and answers it a little later (nginx at its
+    // `keepalive_requests`). The requests behind it wait for a stream slot, or went before
+    // the SETTINGS and are refused; either way none of them is processed on that connection.
+    let (addr, conns) = counting_upstream(|s| async move {
+        let mut b = h2::server::Builder::new();
+        b.max_concurrent_streams(1);
+        let Ok(mut conn) = b.handshake::<_, Bytes>(s).await else {
+            return;
+        };
+        let Some(Ok((_req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        conn.graceful_shutdown();
+        let answer = async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                let _ = body.send_data(Bytes::from_static(b"ok"), true);
+            }
+        };
+        let drive = async { while let Some(Ok(_)) = conn.accept().await {} };
+        tokio::join!(answer, drive);
+    })
+    .await;
+    let url = format!("h2c://{addr}");
+    let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
+    let send = h2_client(gw.addr).await;
+    // Four: the last one served is refused three times, one fewer than keygate resends.
+    let got = h2_burst(&send, 4, Duration::ZERO, None).await;
+    assert!(
+        got.iter().all(|(s, b)| *s == 200 && b == "ok"),
+        "every request answered: {:?}",
+        statuses(&got)
+    );
+    assert!(
+        conns.load(Ordering::SeqCst) >= 4,
+        "one request per upstream connection"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "peers"),
+    ignore = "needs outside peers: cargo test --features peers"
+)]
+async fn an_nginx_h2c_upstream_closing_each_connection_after_ten_requests_loses_none() {
+    // nginx ends an HTTP/2 connection after `keepalive_requests` with a GOAWAY naming the
+    // last stream it took; the streams in flight above it are dropped unprocessed.
+    let Some(nginx) = crate::edge::Nginx::start_with("keepalive_requests 10;").await else {
+        return;
+    };
+    let url = format!("h2c://{}", nginx.addr);
+    let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
+    let send = h2_client(gw.addr).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.extend(statuses(&h2_burst(&send, 30, Duration::ZERO, None).await));
+    }
+    let lost = got.iter().filter(|s| **s != 200).count();
+    assert_eq!(lost, 0, "300 requests over 30 connections: {got:?}");
+    gw.stop().await;
+}
