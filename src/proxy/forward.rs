@@ -13,12 +13,12 @@ use hyper::body::Incoming;
 use crate::config::routes::UpstreamScheme;
 use crate::config::IdentityHeaders;
 use crate::proxy::authorize::Permit;
-use crate::proxy::multiplex;
 use crate::proxy::pool::{self, UpstreamBody};
 use crate::proxy::tunnel;
 use crate::proxy::upstream::{
     BodyFault, Failure, ForwardError, Forwarder, RequestBody, SendError, DEFAULT_TIMEOUT,
 };
+use crate::proxy::{multiplex, resend};
 use crate::wire::headers;
 
 /// Facts about the downstream request that forwarding needs.
@@ -94,6 +94,7 @@ pub async fn forward(
         identity: fault
             .is_some()
             .then(|| [identity.key_id.clone(), identity.service_account.clone()]),
+        kept: None,
     };
     let req = Request::from_parts(parts, body);
     let deadline = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
@@ -104,7 +105,7 @@ pub async fn forward(
         if own {
             pool::send(clients.connector(), &route.upstream.authority, req).await
         } else if multiplexed {
-            multiplex::resending(req, |req| {
+            resend::resending(req, |req| {
                 multiplex::send(clients.connector(), &route.upstream.authority, req)
             })
             .await
@@ -113,7 +114,7 @@ pub async fn forward(
             legacy(clients.start(route, req)).await
         } else {
             // https upstreams may speak HTTP/2 too (ALPN).
-            multiplex::resending(req, |req| legacy(clients.start(route, req))).await
+            resend::resending(req, |req| legacy(clients.start(route, req))).await
         }
     });
     let mut resp = match tokio::time::timeout(deadline, send).await {

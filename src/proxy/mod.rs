@@ -13,5 +13,6 @@ pub(crate) mod observe;
 pub(crate) mod pipeline;
 pub(crate) mod policy;
 pub(crate) mod pool;
+pub(crate) mod resend;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;

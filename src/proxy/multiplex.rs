@@ -6,25 +6,19 @@
 //! instructions of the h2c-upstream path. The worker runs one single-threaded runtime, so the
 //! thread-local list needs no lock. The connection keeps its own task (hyper spawns one per
 //! HTTP/2 connection), as the legacy client's did.
-//!
-//! Also here: sending again what an HTTP/2 upstream did not process. nginx closes an HTTP/2
-//! connection after `keepalive_requests` (1,000 by default) with a GOAWAY that drops every
-//! stream above the last one it took; under load that was a 502 for about one request in
-//! twenty.
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::time::Instant;
 
 use http::uri::Authority;
 use http::{Request, Response};
-use http_body::Body as _;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::proxy::pool::{self, same_upstream, UpstreamBody, IDLE_TIMEOUT};
+use crate::proxy::resend::h2_error;
 use crate::proxy::upstream::{Failure, RequestBody, SendError};
 
 /// One upstream's shared connection, or the request opening it for the others to wait on.
@@ -228,72 +222,6 @@ fn failed(err: hyper::Error, id: u64) -> SendError {
         drop(gone);
     }
     err
-}
-
-/// The HTTP/2 error in `err`'s source chain, if any.
-fn h2_error(err: &SendError) -> Option<&h2::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        cur = e.source();
-    }
-    None
-}
-
-/// True when an HTTP/2 upstream did not process the request: it refused the stream
-/// (`REFUSED_STREAM`), or the stream was above the last one its GOAWAY kept, or it was sent
-/// after that GOAWAY. RFC 9113 8.7 makes such a request safe to send again, whatever its
-/// method; h2 gives a remote GOAWAY's error to those streams only.
-fn unprocessed(err: &SendError) -> bool {
-    h2_error(err).is_some_and(|e| {
-        e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
-    }) || dropped_unsent(err)
-}
-
-/// True for the request hyper's HTTP/2 client held back, waiting for a stream slot at the
-/// upstream's `max_concurrent_streams`, when a GOAWAY ended its connection: hyper drops it
-/// unsent with "dispatch task is gone", a user error it has no predicate for. Only on this
-/// module's connections, which are all HTTP/2: hyper's HTTP/1.1 client says the same when
-/// its task is dropped mid-exchange.
-fn dropped_unsent(err: &SendError) -> bool {
-    matches!(err, SendError::Http(e)
-        if e.is_user() && e.to_string().starts_with("dispatch task is gone"))
-}
-
-/// How many times a request an HTTP/2 upstream did not process is sent again.
-const RESENDS: usize = 4;
-
-/// Sends `req` with `send`; a bodyless request an HTTP/2 upstream did not process (see
-/// [`unprocessed`]) is sent again, up to [`RESENDS`] times. A request with a body is not:
-/// its body went to the first try.
-pub(crate) async fn resending<F, Fut>(
-    mut req: Request<RequestBody>,
-    mut send: F,
-) -> Result<Response<UpstreamBody>, SendError>
-where
-    F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Result<Response<UpstreamBody>, SendError>>,
-{
-    let mut left = RESENDS;
-    let mut head = req.body().is_end_stream().then(|| pool::head_of(&req));
-    loop {
-        match send(req).await {
-            Err(e) if unprocessed(&e) => match head.take() {
-                Some(h) => {
-                    tracing::debug!(error = %e, "the HTTP/2 upstream did not process the request; sending again");
-                    left -= 1;
-                    if left > 0 {
-                        head = Some(pool::head_of(&h));
-                    }
-                    req = h;
-                }
-                None => return Err(e),
-            },
-            done => return done,
-        }
-    }
 }
 
 /// Lets go of connections unused for [`IDLE_TIMEOUT`] or closed by the upstream; dropping

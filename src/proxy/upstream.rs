@@ -154,6 +154,33 @@ pub struct RequestBody {
     pub(crate) fault: Option<Arc<BodyFault>>,
     /// Identity header names to remove from request trailers (bodies with content only).
     pub(crate) identity: Option<[http::HeaderName; 2]>,
+    /// What it has given out, while the request may be sent again (`proxy::resend`).
+    pub(crate) kept: Option<Box<Kept>>,
+}
+
+/// Up to this much of a request body is kept for sending it again: HAProxy's default buffer,
+/// which its `retry-on` needs the body to fit in. Most gRPC messages do.
+const KEEP_LIMIT: usize = 16 * 1024;
+
+/// The frames a request body gave out, kept (reference counts, not copies) so an HTTP/2
+/// upstream that did not process the request can be sent it again; given up past
+/// [`KEEP_LIMIT`] or once the response has come.
+pub(crate) struct Kept {
+    given: Vec<Frame<Bytes>>,
+    bytes: usize,
+    /// Frames to give out again before the rest of the body.
+    pending: std::collections::VecDeque<Frame<Bytes>>,
+    /// Where the body goes when hyper drops it; closed once no resend can follow.
+    back: tokio::sync::oneshot::Sender<RequestBody>,
+}
+
+/// A frame's copy: data and trailers are reference counted, so this copies no bytes.
+fn copy_frame(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    match (frame.data_ref(), frame.trailers_ref()) {
+        (Some(d), _) => Some(Frame::data(d.clone())),
+        (None, Some(t)) => Some(Frame::trailers(t.clone())),
+        (None, None) => None,
+    }
 }
 
 /// Why a request body stopped early, so the failed exchange is blamed on the right side.
@@ -183,10 +210,18 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(k) = this.kept.as_mut() {
+            if let Some(frame) = k.pending.pop_front() {
+                if let Some(copy) = copy_frame(&frame) {
+                    k.given.push(copy);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(t) = frame.trailers_mut() {
                     // Trailers reach the upstream too: no key or forged identity in them.
@@ -217,17 +252,77 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
+        };
+        if let (Some(k), Poll::Ready(Some(Ok(frame)))) = (this.kept.as_mut(), &polled) {
+            let len = frame.data_ref().map_or(0, Bytes::len);
+            if k.back.is_closed() || k.bytes + len > KEEP_LIMIT {
+                // The response came, or the body is too large to keep: it goes once.
+                this.kept = None;
+            } else if let Some(copy) = copy_frame(frame) {
+                k.bytes += len;
+                k.given.push(copy);
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.kept.as_ref().is_none_or(|k| k.pending.is_empty())
+            && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        let rest = self
+            .inner
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let Some(k) = self.kept.as_ref().filter(|k| !k.pending.is_empty()) else {
+            return rest;
+        };
+        let again: u64 = k
+            .pending
+            .iter()
+            .map(|f| f.data_ref().map_or(0, |d| d.len() as u64))
+            .sum();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + again);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + again);
+        }
+        hint
+    }
+}
+
+impl Drop for RequestBody {
+    /// Hands the body, with the frames it gave out, back to a request that may be sent
+    /// again; hyper drops it once the exchange no longer needs it.
+    fn drop(&mut self) {
+        let Some(kept) = self.kept.take() else {
+            return;
+        };
+        if kept.back.is_closed() {
+            return;
+        }
+        let Kept {
+            mut given,
+            bytes,
+            pending,
+            back,
+        } = *kept;
+        given.extend(pending);
+        let again = RequestBody {
+            inner: self.inner.take(),
+            remaining: self.remaining,
+            fault: self.fault.take(),
+            identity: self.identity.take(),
+            kept: Some(Box::new(Kept {
+                given: Vec::new(),
+                bytes,
+                pending: given.into(),
+                back: tokio::sync::oneshot::channel().0,
+            })),
+        };
+        let _ = back.send(again);
     }
 }
 
@@ -239,6 +334,23 @@ impl RequestBody {
             remaining: 0,
             fault: None,
             identity: None,
+            kept: None,
+        }
+    }
+
+    /// Keeps what the body gives out, and hands it back through `back` when dropped, so the
+    /// request can be sent again.
+    pub(crate) fn keep(&mut self, back: tokio::sync::oneshot::Sender<RequestBody>) {
+        match self.kept.as_mut() {
+            Some(k) => k.back = back,
+            None => {
+                self.kept = Some(Box::new(Kept {
+                    given: Vec::new(),
+                    bytes: 0,
+                    pending: Default::default(),
+                    back,
+                }))
+            }
         }
     }
 }

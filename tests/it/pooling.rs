@@ -291,9 +291,9 @@ async fn requests_keep_succeeding_while_h2c_upstream_connections_come_and_go() {
     gw.stop().await;
 }
 
-/// An h2c upstream written with the h2 crate, which can refuse a stream: it answers "ok",
-/// but refuses (`REFUSED_STREAM`) every other stream it sees, the first included.
-/// Returns the streams it saw.
+/// An h2c upstream written with the h2 crate, which can refuse a stream: it answers "ok"
+/// and the request body it read, but refuses (`REFUSED_STREAM`) every other stream it sees,
+/// the first included. Returns the streams it saw.
 async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
     let streams = Arc::new(AtomicUsize::new(0));
     let seen = streams.clone();
@@ -303,14 +303,22 @@ async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
             let Ok(mut conn) = h2::server::handshake(s).await else {
                 return;
             };
-            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
                 if seen.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                     respond.send_reset(h2::Reason::REFUSED_STREAM);
                     continue;
                 }
-                if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
-                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
-                }
+                tokio::spawn(async move {
+                    let mut got = b"ok".to_vec();
+                    let mut body = req.into_body();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        got.extend_from_slice(&chunk);
+                    }
+                    if let Ok(mut tx) = respond.send_response(http::Response::new(()), false) {
+                        let _ = tx.send_data(Bytes::from(got), true);
+                    }
+                });
             }
         }
     })
@@ -335,7 +343,7 @@ async fn h2_call(
 }
 
 #[tokio::test]
-async fn a_refused_stream_is_sent_again_unless_it_carried_a_body() {
+async fn a_refused_stream_is_sent_again_with_its_body() {
     let (url, streams) = refusing_upstream().await;
     let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
     let send = h2_client(gw.addr).await;
@@ -353,13 +361,13 @@ async fn a_refused_stream_is_sent_again_unless_it_carried_a_body() {
         4,
         "refused, then sent again"
     );
-    // A body went with the first try and is gone: no second one.
-    let (status, _) = h2_call(&send, "POST", "x").await;
-    assert_eq!(status, 502);
+    // The body goes again from what it gave out the first time.
+    let (status, body) = h2_call(&send, "POST", "a body").await;
+    assert_eq!((status, body), (200, Bytes::from("oka body")));
     assert_eq!(
         streams.load(Ordering::SeqCst),
-        5,
-        "a body is never sent twice"
+        6,
+        "refused, then sent again"
     );
     gw.stop().await;
 }
@@ -427,5 +435,45 @@ async fn an_nginx_h2c_upstream_closing_each_connection_after_ten_requests_loses_
     }
     let lost = got.iter().filter(|s| **s != 200).count();
     assert_eq!(lost, 0, "300 requests over 30 connections: {got:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_with_the_body_still_arriving() {
+    let (url, streams) = refusing_upstream().await;
+    let gw = Gateway::start(&route("api", "/api/", &url, "    public: true\n"), &[]).await;
+    type Chunks = http_body_util::StreamBody<
+        tokio_stream::wrappers::ReceiverStream<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    let mut send = h2_client::<Chunks>(gw.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://t/api/x")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let call = tokio::spawn(async move {
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    });
+    // The first part goes out before the refusal, the rest after: the body sent again is
+    // what was given out, then what still comes.
+    tx.send(Ok(http_body::Frame::data(Bytes::from("one,"))))
+        .await
+        .unwrap();
+    assert!(
+        eventually(10, || async { streams.load(Ordering::SeqCst) == 2 }).await,
+        "refused, then sent again"
+    );
+    tx.send(Ok(http_body::Frame::data(Bytes::from("two"))))
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(call.await.unwrap(), (200, Bytes::from("okone,two")));
     gw.stop().await;
 }
