@@ -106,7 +106,7 @@ pub async fn forward(
             pool::send(clients.connector(), &route.upstream.authority, req).await
         } else if multiplexed {
             resend::resending(req, |req| {
-                multiplex::send(clients.connector(), &route.upstream.authority, req)
+                multiplex::send(clients, &route.upstream.authority, req)
             })
             .await
         } else if websocket {

@@ -13,13 +13,12 @@ use std::time::Instant;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 
 use crate::proxy::pool::{self, same_upstream, UpstreamBody, IDLE_TIMEOUT};
 use crate::proxy::resend::h2_error;
-use crate::proxy::upstream::{Failure, RequestBody, SendError};
+use crate::proxy::upstream::{Failure, Forwarder, RequestBody, SendError};
 
 /// One upstream's shared connection, or the request opening it for the others to wait on.
 struct Shared {
@@ -106,7 +105,7 @@ fn find(upstream: &Authority) -> Option<Found> {
 /// to `upstream`, opening one when there is none or it has closed. Requests that arrive while
 /// it opens wait for it, as they did in hyper-util's pool, instead of each opening another.
 pub(crate) async fn send(
-    connector: &HttpConnector,
+    clients: &Forwarder,
     upstream: &Authority,
     mut req: Request<RequestBody>,
 ) -> Result<Response<UpstreamBody>, SendError> {
@@ -136,7 +135,7 @@ pub(crate) async fn send(
                 // Boxed: a new connection is the rare path, and its handshake's state would
                 // otherwise sit in every request's future.
                 return Box::pin(connect_and_send(
-                    connector,
+                    clients,
                     upstream,
                     req,
                     Some((opening, id)),
@@ -145,20 +144,23 @@ pub(crate) async fn send(
             }
         }
     }
-    Box::pin(connect_and_send(connector, upstream, req, None)).await
+    Box::pin(connect_and_send(clients, upstream, req, None)).await
 }
 
 /// Opens a connection to `upstream` and sends `req` on it; with `opening`, puts it in the
 /// place reserved for it so later requests share it.
 async fn connect_and_send(
-    connector: &HttpConnector,
+    clients: &Forwarder,
     upstream: &Authority,
     req: Request<RequestBody>,
     opening: Option<(watch::Sender<Option<Failure>>, u64)>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let opened = async {
-        let io = pool::connect(connector, upstream).await?;
+        let io = pool::connect(clients.connector(), upstream).await?;
         http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(clients.ping())
+            .keep_alive_timeout(clients.ping())
             .handshake::<_, RequestBody>(io)
             .await
             .map_err(SendError::Http)
@@ -195,7 +197,7 @@ async fn connect_and_send(
             // Closed at once (an upstream at its connection limit may do that) with the request
             // unsent: one more try, on a connection of its own.
             Some(back) if shared.is_some() => {
-                Box::pin(connect_and_send(connector, upstream, back, None)).await
+                Box::pin(connect_and_send(clients, upstream, back, None)).await
             }
             _ => Err(match shared {
                 Some(id) => failed(e.into_error(), id),

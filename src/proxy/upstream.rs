@@ -404,14 +404,18 @@ enum RouteClient {
 /// route, and the connector for the worker's own HTTP/1.1 connections.
 pub struct Forwarder {
     connector: HttpConnector,
+    ping: Duration,
     http1: Client<HttpConnector, RequestBody>,
     by_route: Vec<Option<RouteClient>>,
 }
 
-/// The pool settings every upstream client shares.
-fn pool() -> hyper_util::client::legacy::Builder {
+/// The pool settings every upstream client shares; `ping` as in [`Forwarder::ping`].
+fn pool(ping: Duration) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(90));
+    b.pool_idle_timeout(Duration::from_secs(90))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(ping)
+        .http2_keep_alive_timeout(ping);
     b
 }
 
@@ -460,21 +464,21 @@ fn https_client(connect_timeout: Duration, route: &Route) -> Result<HttpsClient,
         .wrap_connector(fixed(connect_timeout, &route.upstream)?);
     // set_host: on HTTP/1.1 the Host comes from the URI (the client's host); on HTTP/2 the
     // same value is `:authority` and no Host is sent.
-    Ok(pool().set_host(true).build(conn))
+    Ok(pool(connect_timeout).set_host(true).build(conn))
 }
 
 impl Forwarder {
     /// Builds the pooled clients a config needs.
     pub fn new(config: &Config) -> Result<Forwarder, String> {
         let ct = config.limits.upstream_connect_timeout;
-        let http1 = pool().set_host(false).build(connector(ct));
+        let http1 = pool(ct).set_host(false).build(connector(ct));
         let by_route = config
             .routes
             .iter()
             .map(|r| match r.upstream.scheme {
                 UpstreamScheme::Http => Ok(None),
                 UpstreamScheme::H2c => Ok(Some(RouteClient::H2c(
-                    pool()
+                    pool(ct)
                         .http2_only(true)
                         .set_host(false)
                         .build(fixed(ct, &r.upstream)?),
@@ -484,6 +488,7 @@ impl Forwarder {
             .collect::<Result<_, String>>()?;
         Ok(Forwarder {
             connector: connector(ct),
+            ping: ct,
             http1,
             by_route,
         })
@@ -515,9 +520,18 @@ impl Forwarder {
         }
     }
 
-    /// What new HTTP/1.1 upstream connections are made with.
+    /// What new HTTP/1.1 and h2c upstream connections are made with.
     pub(crate) fn connector(&self) -> &HttpConnector {
         &self.connector
+    }
+
+    /// How long an HTTP/2 upstream connection with requests waiting may stay silent before it
+    /// is pinged, and then how long the ping may go unanswered before the connection is
+    /// closed: `upstream_connect_timeout`. Without it a blackholed connection (a vanished
+    /// node, a dropped NAT entry) held every request sent on it until TCP gave up, about 15
+    /// minutes; a busy connection is never pinged (hyper pings after a silence only).
+    pub(crate) fn ping(&self) -> Duration {
+        self.ping
     }
 }
 

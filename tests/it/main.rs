@@ -11,6 +11,7 @@ mod forwarding;
 mod hostile;
 mod keys_audit;
 mod keys_cli;
+mod multiplex;
 mod observability;
 mod ops;
 mod paths;
