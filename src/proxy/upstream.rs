@@ -170,8 +170,15 @@ pub(crate) struct Kept {
     bytes: usize,
     /// Frames to give out again before the rest of the body.
     pending: std::collections::VecDeque<Frame<Bytes>>,
-    /// Where the body goes when hyper drops it; closed once no resend can follow.
-    back: tokio::sync::oneshot::Sender<RequestBody>,
+    /// Where the body goes when hyper drops it: `None`, or closed, once no resend can follow.
+    back: Option<tokio::sync::oneshot::Sender<RequestBody>>,
+}
+
+impl Kept {
+    /// True while a resend may still follow, so what the body gives out is worth keeping.
+    fn wanted(&self) -> bool {
+        self.back.as_ref().is_some_and(|b| !b.is_closed())
+    }
 }
 
 /// A frame's copy: data and trailers are reference counted, so this copies no bytes.
@@ -212,7 +219,7 @@ impl Body for RequestBody {
         let this = &mut *self;
         if let Some(k) = this.kept.as_mut() {
             if let Some(frame) = k.pending.pop_front() {
-                if let Some(copy) = copy_frame(&frame) {
+                if let Some(copy) = copy_frame(&frame).filter(|_| k.wanted()) {
                     k.given.push(copy);
                 }
                 return Poll::Ready(Some(Ok(frame)));
@@ -255,7 +262,7 @@ impl Body for RequestBody {
         };
         if let (Some(k), Poll::Ready(Some(Ok(frame)))) = (this.kept.as_mut(), &polled) {
             let len = frame.data_ref().map_or(0, Bytes::len);
-            if k.back.is_closed() || k.bytes + len > KEEP_LIMIT {
+            if !k.wanted() || k.bytes + len > KEEP_LIMIT {
                 // The response came, or the body is too large to keep: it goes once.
                 this.kept = None;
             } else if let Some(copy) = copy_frame(frame) {
@@ -297,12 +304,9 @@ impl Drop for RequestBody {
     /// Hands the body, with the frames it gave out, back to a request that may be sent
     /// again; hyper drops it once the exchange no longer needs it.
     fn drop(&mut self) {
-        let Some(kept) = self.kept.take() else {
+        let Some(kept) = self.kept.take().filter(|k| k.wanted()) else {
             return;
         };
-        if kept.back.is_closed() {
-            return;
-        }
         let Kept {
             mut given,
             bytes,
@@ -319,10 +323,12 @@ impl Drop for RequestBody {
                 given: Vec::new(),
                 bytes,
                 pending: given.into(),
-                back: tokio::sync::oneshot::channel().0,
+                back: None,
             })),
         };
-        let _ = back.send(again);
+        if let Some(back) = back {
+            let _ = back.send(again);
+        }
     }
 }
 
@@ -342,13 +348,13 @@ impl RequestBody {
     /// request can be sent again.
     pub(crate) fn keep(&mut self, back: tokio::sync::oneshot::Sender<RequestBody>) {
         match self.kept.as_mut() {
-            Some(k) => k.back = back,
+            Some(k) => k.back = Some(back),
             None => {
                 self.kept = Some(Box::new(Kept {
                     given: Vec::new(),
                     bytes: 0,
                     pending: Default::default(),
-                    back,
+                    back: Some(back),
                 }))
             }
         }
