@@ -142,6 +142,10 @@ const COUNTERS: &[(&str, &str)] = &[
 ];
 const GAUGES: &[(&str, &str)] = &[
     ("keygate_active_connections", "Open downstream connections."),
+    (
+        "keygate_worker_connections",
+        "Open downstream connections by the worker thread serving them.",
+    ),
     ("keygate_keys_loaded", "Keys in the current snapshot."),
     (
         "keygate_keys",
@@ -229,6 +233,17 @@ impl Metrics {
         };
         m.unrouted = m.route_stats("");
         m
+    }
+
+    /// The open-connection gauge of worker thread `worker`.
+    pub fn worker_connections(&self, worker: usize) -> Gauge {
+        self.recorder.register_gauge(
+            &Key::from_parts(
+                "keygate_worker_connections",
+                vec![Label::new("worker", worker.to_string())],
+            ),
+            &META,
+        )
     }
 
     fn route_stats(&self, route: &str) -> RouteStats {

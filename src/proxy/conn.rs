@@ -2,7 +2,7 @@
 //! wrapper that tells activity apart from HTTP/2 pings, and the idle and header-read timers.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,30 +12,102 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::config::Limits;
 use crate::proxy::observe::ConnState;
 
-/// A connection's slot under `max_connections` and its place in the connection gauge.
+/// Open connections per worker, which the accept loops read to spread new ones.
+///
+/// Every worker is woken for each connection on the shared listening socket, and the one
+/// already awake accepts a burst whole: one worker could end up serving all of a client
+/// pool's connections while the other cores idle.
+pub(crate) struct Loads {
+    open: Box<[AtomicUsize]>,
+    gauges: Box<[metrics::Gauge]>,
+}
+
+impl Loads {
+    /// Counters for `workers` workers, each shown as `keygate_worker_connections`.
+    pub(crate) fn new(metrics: &crate::ops::metrics::Metrics, workers: usize) -> Loads {
+        Loads {
+            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            gauges: (0..workers)
+                .map(|w| metrics.worker_connections(w))
+                .collect(),
+        }
+    }
+
+    /// The worker that should serve the next connection: `me`, unless another has at least
+    /// two fewer open (then the one with fewest), so a balanced gateway never hands one over.
+    pub(crate) fn pick(&self, me: usize) -> usize {
+        let mine = self.count(me);
+        let (mut best, mut least) = (me, mine);
+        for w in 0..self.open.len() {
+            let n = self.count(w);
+            if n < least && n + 1 < mine {
+                (best, least) = (w, n);
+            }
+        }
+        best
+    }
+
+    fn count(&self, worker: usize) -> usize {
+        self.open
+            .get(worker)
+            .map_or(usize::MAX, |n| n.load(Ordering::Relaxed))
+    }
+
+    fn opened(&self, worker: usize) {
+        if let (Some(n), Some(g)) = (self.open.get(worker), self.gauges.get(worker)) {
+            n.fetch_add(1, Ordering::Relaxed);
+            g.increment(1.0);
+        }
+    }
+
+    fn closed(&self, worker: usize) {
+        if let (Some(n), Some(g)) = (self.open.get(worker), self.gauges.get(worker)) {
+            n.fetch_sub(1, Ordering::Relaxed);
+            g.decrement(1.0);
+        }
+    }
+}
+
+/// A connection's slot under `max_connections` and its place in the connection gauges.
 ///
 /// Owned by the connection's I/O, so an upgraded (WebSocket) stream keeps holding it.
 pub(crate) struct ConnHold {
     _permit: tokio::sync::OwnedSemaphorePermit,
     gauge: metrics::Gauge,
+    loads: Arc<Loads>,
+    worker: usize,
 }
 
 impl ConnHold {
+    /// Counts a new connection, served by `worker`.
     pub(crate) fn new(
         permit: tokio::sync::OwnedSemaphorePermit,
         gauge: &metrics::Gauge,
+        loads: &Arc<Loads>,
+        worker: usize,
     ) -> ConnHold {
         gauge.increment(1.0);
+        loads.opened(worker);
         ConnHold {
             _permit: permit,
             gauge: gauge.clone(),
+            loads: loads.clone(),
+            worker,
         }
+    }
+
+    /// Counts the connection as `worker`'s instead, when it could not be handed over.
+    pub(crate) fn reseat(&mut self, worker: usize) {
+        self.loads.closed(self.worker);
+        self.loads.opened(worker);
+        self.worker = worker;
     }
 }
 
 impl Drop for ConnHold {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
+        self.loads.closed(self.worker);
         crate::ops::trim::note_activity();
     }
 }
@@ -205,5 +277,51 @@ impl Watchdog {
     pub(crate) fn overdue(&mut self) -> bool {
         self.idle_checks_after_close += 1;
         self.idle_checks_after_close > 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> tokio::sync::OwnedSemaphorePermit {
+        Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap()
+    }
+
+    /// A burst one worker accepts alone ends split evenly, and counts fall as holds drop.
+    #[test]
+    fn a_burst_accepted_by_one_worker_is_split() {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let loads = Arc::new(Loads::new(&metrics, 3));
+        let gauge = metrics.active_connections.clone();
+        let mut holds = Vec::new();
+        for _ in 0..30 {
+            let to = loads.pick(0);
+            holds.push(ConnHold::new(slot(), &gauge, &loads, to));
+        }
+        let counts: Vec<usize> = (0..3).map(|w| loads.count(w)).collect();
+        assert!(counts.iter().all(|&n| (9..=11).contains(&n)), "{counts:?}");
+        assert_eq!(counts.iter().sum::<usize>(), 30);
+        holds.clear();
+        assert!((0..3).all(|w| loads.count(w) == 0));
+    }
+
+    /// One connection more than another is no reason to move one; two is.
+    #[test]
+    fn a_worker_keeps_a_connection_unless_another_has_two_fewer() {
+        let metrics = crate::ops::metrics::Metrics::new();
+        let loads = Arc::new(Loads::new(&metrics, 2));
+        let gauge = metrics.active_connections.clone();
+        let a = ConnHold::new(slot(), &gauge, &loads, 0);
+        assert_eq!(loads.pick(0), 0);
+        assert_eq!(loads.pick(1), 1);
+        let mut b = ConnHold::new(slot(), &gauge, &loads, 0);
+        assert_eq!(loads.pick(0), 1);
+        b.reseat(1);
+        assert_eq!((loads.count(0), loads.count(1)), (1, 1));
+        drop((a, b));
+        assert_eq!((loads.count(0), loads.count(1)), (0, 0));
     }
 }

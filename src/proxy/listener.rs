@@ -14,12 +14,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::Limits;
 use crate::ops::accesslog::{Entry, HeadText};
 use crate::ops::metrics::AuthOutcome;
-use crate::proxy::conn::{ConnHold, TrackedIo, Verdict, Watchdog};
+use crate::proxy::conn::{ConnHold, Loads, TrackedIo, Verdict, Watchdog};
 use crate::proxy::observe::ConnState;
 use crate::proxy::pipeline::{handle, Conn, Gateway};
 use crate::wire::headers;
@@ -113,6 +113,16 @@ struct Shared {
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
     max_connections: usize,
+    loads: Arc<Loads>,
+    /// Each worker's queue of connections another worker accepted for it.
+    inboxes: Arc<[mpsc::UnboundedSender<Handoff>]>,
+}
+
+/// A connection accepted by one worker for another, which serves it.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    hold: ConnHold,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then drains.
@@ -128,21 +138,26 @@ pub async fn accept_loop(
 ) -> std::io::Result<()> {
     let max = gateway.snapshot.load().config.limits.max_connections;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let count = worker_count();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..count).map(|_| mpsc::unbounded_channel()).unzip();
     let shared = Shared {
         gateway: gateway.clone(),
         tls,
         slots: Arc::new(Semaphore::new(max)),
         stop: stop_rx,
         max_connections: max,
+        loads: Arc::new(Loads::new(&gateway.metrics, count)),
+        inboxes: senders.into(),
     };
     let listener = listener.into_std()?;
     let mut workers = Vec::new();
-    for i in 0..worker_count() {
+    for (i, inbox) in receivers.into_iter().enumerate() {
         let (l, sh) = (listener.try_clone()?, shared.clone());
         workers.push(
             std::thread::Builder::new()
                 .name(format!("keygate-worker-{i}"))
-                .spawn(move || worker(l, sh))?,
+                .spawn(move || worker(i, l, inbox, sh))?,
         );
     }
     drop(listener);
@@ -166,7 +181,12 @@ pub async fn accept_loop(
     Ok(())
 }
 
-fn worker(listener: std::net::TcpListener, shared: Shared) {
+fn worker(
+    me: usize,
+    listener: std::net::TcpListener,
+    mut inbox: mpsc::UnboundedReceiver<Handoff>,
+    shared: Shared,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,11 +217,20 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
         let trimmer = tokio::spawn(crate::ops::trim::on_quiet());
         let mut stop = shared.stop.clone();
         let mut last_accept_warning = None;
+        let mut permit = None;
         loop {
             // At the connection cap, stop accepting: extra clients wait in the kernel's queue.
-            let permit = tokio::select! {
-                p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => break,
+            // Connections handed over by another worker bring their own slot.
+            let slot = match permit.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    Some(h) = inbox.recv() => {
+                        take_over(&shared, h);
+                        continue;
+                    }
+                    _ = stop.changed() => break,
+                },
             };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -215,17 +244,49 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
                         } else {
                             tracing::debug!(error = %e, "accept failed");
                         }
+                        permit = Some(slot);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
                 },
+                Some(h) = inbox.recv() => {
+                    take_over(&shared, h);
+                    permit = Some(slot);
+                    continue;
+                }
                 _ = stop.changed() => break,
             };
             let _ = stream.set_nodelay(true);
             // A peer that vanishes without a FIN (a pulled cable, a NAT that forgot it) is
             // found by keepalive probes; an upgraded tunnel has no other idle limit.
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&DOWNSTREAM_KEEPALIVE);
-            tokio::spawn(connection(shared.clone(), stream, peer, permit));
+            let to = shared.loads.pick(me);
+            let mut hold = ConnHold::new(
+                slot,
+                &shared.gateway.metrics.active_connections,
+                &shared.loads,
+                to,
+            );
+            let stream = if to == me {
+                stream
+            } else {
+                match hand_over(&shared, to, stream, peer, hold) {
+                    None => continue,
+                    // That worker has stopped: serve it here.
+                    Some(back) => {
+                        hold = back.hold;
+                        hold.reseat(me);
+                        match tokio::net::TcpStream::from_std(back.stream) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::debug!(error = %e, %peer, "cannot take a connection back");
+                                continue;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::spawn(connection(shared.clone(), stream, peer, hold));
         }
         drop(listener);
         sweeper.abort();
@@ -245,13 +306,45 @@ fn worker(listener: std::net::TcpListener, shared: Shared) {
     });
 }
 
+/// Sends a connection to worker `to`'s queue; gives it back if that worker has stopped.
+fn hand_over(
+    shared: &Shared,
+    to: usize,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    hold: ConnHold,
+) -> Option<Handoff> {
+    // Leaves this worker's reactor; the other registers it with its own.
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, %peer, "cannot hand a connection over");
+            return None;
+        }
+    };
+    let handoff = Handoff { stream, peer, hold };
+    match shared.inboxes.get(to) {
+        Some(inbox) => inbox.send(handoff).err().map(|e| e.0),
+        None => Some(handoff),
+    }
+}
+
+/// Serves a connection another worker accepted for this one.
+fn take_over(shared: &Shared, h: Handoff) {
+    match tokio::net::TcpStream::from_std(h.stream) {
+        Ok(stream) => {
+            tokio::spawn(connection(shared.clone(), stream, h.peer, h.hold));
+        }
+        Err(e) => tracing::debug!(error = %e, peer = %h.peer, "cannot take over a connection"),
+    }
+}
+
 async fn connection(
     shared: Shared,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    hold: ConnHold,
 ) {
-    let hold = ConnHold::new(permit, &shared.gateway.metrics.active_connections);
     let state = Arc::new(ConnState::default());
     state.touch();
     // Limits come from the config of the moment, so a reload applies to new connections.

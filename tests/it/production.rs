@@ -316,3 +316,84 @@ async fn access_log_lines_are_json_without_secrets_and_sigterm_drains() {
     assert_eq!(second["auth"], "invalid");
     assert!(second["key_id"].is_null());
 }
+
+/// The `keygate_worker_connections` samples, by worker.
+fn worker_connections(metrics: &str) -> Vec<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("keygate_worker_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// A burst of connections is spread over the workers. Each worker is woken for every new
+/// connection on the shared socket, and the one already running used to accept the whole
+/// burst, leaving the others idle.
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_over_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    write(&dir.path().join("keys.yaml"), "keys: []\n");
+    let cfg = dir.path().join("keygate.yaml");
+    write(
+        &cfg,
+        &format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nkeys_file: keys.yaml\n\
+             routes:\n{}",
+            route("api", "/api/", "http://127.0.0.1:1", "    public: true\n")
+        ),
+    );
+    let _child = Proc(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("KEYGATE_WORKERS", "4")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    wait_listening(addr).await;
+    wait_listening(admin).await;
+    assert!(eventually(20, || async { get(addr, "/", &[]).await.status == 404 }).await);
+
+    // All connected before any request, as a client pool opens them.
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        conns.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for c in &mut conns {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    for c in &mut conns {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 404"));
+    }
+    let m = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap();
+    let spread = worker_connections(&m);
+    assert_eq!(spread.len(), 4, "{m}");
+    assert_eq!(spread.iter().sum::<f64>(), 40.0, "{spread:?}");
+    // Handed over at a difference of two: at most one above the even share each.
+    assert!(
+        spread.iter().all(|&n| (8.0..=12.0).contains(&n)),
+        "{spread:?}"
+    );
+
+    drop(conns);
+    assert!(
+        eventually(10, || async {
+            let m = String::from_utf8(get(admin, "/metrics", &[]).await.body).unwrap();
+            worker_connections(&m).iter().all(|&n| n == 0.0)
+        })
+        .await,
+        "closed connections are counted off their workers"
+    );
+}
