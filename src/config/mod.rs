@@ -112,6 +112,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time to establish an upstream connection.
     pub upstream_connect_timeout: Duration,
+    /// Silence on an HTTP/2 upstream connection with requests waiting before it is pinged.
+    pub upstream_ping_interval: Duration,
     /// Concurrent downstream connections; more wait in the accept queue.
     pub max_connections: usize,
 }
@@ -123,6 +125,9 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_connect_timeout: Duration::from_secs(5),
+            // Above gRPC-Go's 5-minute minimum between pings, which it enforces with a
+            // GOAWAY (`too_many_pings`) for the whole connection.
+            upstream_ping_interval: Duration::from_secs(360),
             max_connections: 10_000,
         }
     }

@@ -49,6 +49,7 @@ pub(super) struct RawLimits {
     pub(super) header_read_timeout: Option<Spanned<String>>,
     pub(super) idle_timeout: Option<Spanned<String>>,
     pub(super) upstream_connect_timeout: Option<Spanned<String>>,
+    pub(super) upstream_ping_interval: Option<Spanned<String>>,
     pub(super) max_connections: Option<Spanned<u64>>,
 }
 
@@ -105,6 +106,7 @@ const LIMITS_SHAPE: Shape = Shape::Map(
         ("header_read_timeout", Shape::Leaf),
         ("idle_timeout", Shape::Leaf),
         ("upstream_connect_timeout", Shape::Leaf),
+        ("upstream_ping_interval", Shape::Leaf),
         ("max_connections", Shape::Leaf),
     ],
 );

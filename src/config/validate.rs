@@ -257,6 +257,10 @@ fn limits(c: &mut Check<'_>, raw: Option<&RawLimits>) -> Limits {
             &l.upstream_connect_timeout,
             &mut limits.upstream_connect_timeout,
         ),
+        (
+            &l.upstream_ping_interval,
+            &mut limits.upstream_ping_interval,
+        ),
     ] {
         if let Some(d) = field.as_ref().and_then(|v| c.duration_value(v, "duration")) {
             *slot = d;
@@ -428,5 +432,28 @@ mod tests {
         let cfg = parse("keys_file: k\nlimits:\n  max_header_bytes: 8KiB\n  idle_timeout: 2s\nroutes:\n  - name: a\n    path_prefix: /a\n    upstream: http://x:1\n    max_body: 1024\n    scopes: []\n").unwrap();
         assert_eq!(cfg.limits.max_header_bytes, 8192);
         assert_eq!(cfg.routes.iter().next().unwrap().max_body, Some(1024));
+    }
+
+    /// The ping interval defaults above gRPC-Go's 5-minute minimum and takes no zero.
+    #[test]
+    fn upstream_ping_interval() {
+        let routes =
+            "routes:\n  - name: a\n    path_prefix: /a\n    upstream: h2c://x:1\n    scopes: []\n";
+        let cfg = parse(&format!("keys_file: k\n{routes}")).unwrap();
+        assert_eq!(cfg.limits.upstream_ping_interval, Duration::from_secs(360));
+        let cfg = parse(&format!(
+            "keys_file: k\nlimits:\n  upstream_ping_interval: 30s\n{routes}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.limits.upstream_ping_interval, Duration::from_secs(30));
+        let err = parse(&format!(
+            "keys_file: k\nlimits:\n  upstream_ping_interval: 0s\n{routes}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(":3:") && err.contains("greater than zero"),
+            "{err}"
+        );
     }
 }

@@ -160,7 +160,7 @@ async fn connect_and_send(
         http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(clients.ping())
-            .keep_alive_timeout(clients.ping())
+            .keep_alive_timeout(crate::proxy::upstream::ping_timeout(clients.ping()))
             .handshake::<_, RequestBody>(io)
             .await
             .map_err(SendError::Http)

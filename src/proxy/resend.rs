@@ -4,7 +4,9 @@
 //! that drops every stream above the last one it took; under load that was a 502 for about
 //! one request in twenty. RFC 9113 8.7 makes such a request safe to send again, whatever its
 //! method: the upstream never saw it. A body goes again from the frames it gave out, kept as
-//! reference counts (`upstream::Kept`), up to 16 KiB.
+//! reference counts (`upstream::Kept`), up to 16 KiB. A request hyper dropped while it waited
+//! for a stream slot goes again only if its method is idempotent: hyper cannot say whether
+//! it was written first.
 
 use std::future::Future;
 
@@ -31,20 +33,34 @@ pub(crate) fn h2_error(err: &SendError) -> Option<&h2::Error> {
 /// (`REFUSED_STREAM`), or the stream was above the last one its GOAWAY kept, or it was sent
 /// after that GOAWAY. RFC 9113 8.7 makes such a request safe to send again, whatever its
 /// method; h2 gives a remote GOAWAY's error to those streams only.
-fn unprocessed(err: &SendError) -> bool {
+fn unprocessed(err: &SendError, idempotent: bool) -> bool {
     h2_error(err).is_some_and(|e| {
         e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
-    }) || dropped_unsent(err)
+    }) || (idempotent && dropped_unsent(err))
 }
 
-/// True for the request hyper's HTTP/2 client held back, waiting for a stream slot at the
-/// upstream's `max_concurrent_streams`, when a GOAWAY ended its connection: hyper drops it
-/// unsent with "dispatch task is gone", a user error it has no predicate for. Only on this
-/// module's connections, which are all HTTP/2: hyper's HTTP/1.1 client says the same when
-/// its task is dropped mid-exchange.
+/// True for a request hyper's HTTP/2 client dropped when its connection ended: hyper says
+/// "dispatch task is gone", a user error it has no predicate for. Most are requests held
+/// back for a stream slot at the upstream's `max_concurrent_streams`, never sent; but h2 may
+/// write one that got a slot after a first, graceful GOAWAY (last stream 2^31-1, as Envoy and
+/// nghttp2 send) before the final one ends the connection, so only idempotent requests go
+/// again (RFC 9110 9.2.2). Not when hyper says a panic dropped it. Only on this module's
+/// connections, which are all HTTP/2: hyper's HTTP/1.1 client says the same when its task is
+/// dropped mid-exchange.
 fn dropped_unsent(err: &SendError) -> bool {
     matches!(err, SendError::Http(e)
-        if e.is_user() && e.to_string().starts_with("dispatch task is gone"))
+        if e.is_user()
+            && e.to_string().starts_with("dispatch task is gone")
+            && !std::error::Error::source(e).is_some_and(|c| c.to_string().contains("panicked")))
+}
+
+/// True for methods RFC 9110 9.2.2 makes safe to send twice.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// How many times a request an HTTP/2 upstream did not process is sent again.
@@ -61,12 +77,13 @@ where
     Fut: Future<Output = Result<Response<UpstreamBody>, SendError>>,
 {
     let bodyless = req.body().is_end_stream();
+    let idempotent = idempotent(req.method());
     let mut left = RESENDS;
     let mut head = pool::head_of(&req);
     let mut back = (!bodyless).then(|| keep(&mut req));
     loop {
         let e = match send(req).await {
-            Err(e) if unprocessed(&e) => e,
+            Err(e) if unprocessed(&e, idempotent) => e,
             // Dropping `back` tells a body still streaming that it need keep nothing more.
             done => return done,
         };

@@ -162,6 +162,10 @@ pub struct RequestBody {
 /// which its `retry-on` needs the body to fit in. Most gRPC messages do.
 const KEEP_LIMIT: usize = 16 * 1024;
 
+/// At most this many frames are kept (a `Frame<Bytes>` is 96 bytes besides its data): a body
+/// sent a byte per frame would otherwise keep 16,384 of them, 1.5 MiB.
+const KEEP_FRAMES: usize = 64;
+
 /// The frames a request body gave out, kept (reference counts, not copies) so an HTTP/2
 /// upstream that did not process the request can be sent it again; given up past
 /// [`KEEP_LIMIT`] or once the response has come.
@@ -262,8 +266,9 @@ impl Body for RequestBody {
         };
         if let (Some(k), Poll::Ready(Some(Ok(frame)))) = (this.kept.as_mut(), &polled) {
             let len = frame.data_ref().map_or(0, Bytes::len);
-            if !k.wanted() || k.bytes + len > KEEP_LIMIT {
-                // The response came, or the body is too large to keep: it goes once.
+            if !k.wanted() || k.bytes + len > KEEP_LIMIT || k.given.len() >= KEEP_FRAMES {
+                // The response came, or the body is too large (or too finely cut) to keep:
+                // it goes once.
                 this.kept = None;
             } else if let Some(copy) = copy_frame(frame) {
                 k.bytes += len;
@@ -415,13 +420,20 @@ pub struct Forwarder {
     by_route: Vec<Option<RouteClient>>,
 }
 
+/// How long a ping to an HTTP/2 upstream sent after `interval` of silence may go unanswered
+/// before its connection is closed: as long again, at most hyper's default of 20 s. The
+/// upstream's HTTP/2 layer answers it, however busy its handlers are.
+pub(crate) fn ping_timeout(interval: Duration) -> Duration {
+    interval.min(Duration::from_secs(20))
+}
+
 /// The pool settings every upstream client shares; `ping` as in [`Forwarder::ping`].
 fn pool(ping: Duration) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(Duration::from_secs(90))
         .timer(hyper_util::rt::TokioTimer::new())
         .http2_keep_alive_interval(ping)
-        .http2_keep_alive_timeout(ping);
+        .http2_keep_alive_timeout(ping_timeout(ping));
     b
 }
 
@@ -450,7 +462,11 @@ fn fixed(
     })
 }
 
-fn https_client(connect_timeout: Duration, route: &Route) -> Result<HttpsClient, String> {
+fn https_client(
+    connect_timeout: Duration,
+    ping: Duration,
+    route: &Route,
+) -> Result<HttpsClient, String> {
     let t = &route.upstream_tls;
     let tls = crate::wire::tls::client_config(t.ca_file.as_deref())?;
     // The URI carries the client's host, so the name to verify must be fixed here.
@@ -470,31 +486,34 @@ fn https_client(connect_timeout: Duration, route: &Route) -> Result<HttpsClient,
         .wrap_connector(fixed(connect_timeout, &route.upstream)?);
     // set_host: on HTTP/1.1 the Host comes from the URI (the client's host); on HTTP/2 the
     // same value is `:authority` and no Host is sent.
-    Ok(pool(connect_timeout).set_host(true).build(conn))
+    Ok(pool(ping).set_host(true).build(conn))
 }
 
 impl Forwarder {
     /// Builds the pooled clients a config needs.
     pub fn new(config: &Config) -> Result<Forwarder, String> {
         let ct = config.limits.upstream_connect_timeout;
-        let http1 = pool(ct).set_host(false).build(connector(ct));
+        let ping = config.limits.upstream_ping_interval;
+        let http1 = pool(ping).set_host(false).build(connector(ct));
         let by_route = config
             .routes
             .iter()
             .map(|r| match r.upstream.scheme {
                 UpstreamScheme::Http => Ok(None),
                 UpstreamScheme::H2c => Ok(Some(RouteClient::H2c(
-                    pool(ct)
+                    pool(ping)
                         .http2_only(true)
                         .set_host(false)
                         .build(fixed(ct, &r.upstream)?),
                 ))),
-                UpstreamScheme::Https => https_client(ct, r).map(|c| Some(RouteClient::Https(c))),
+                UpstreamScheme::Https => {
+                    https_client(ct, ping, r).map(|c| Some(RouteClient::Https(c)))
+                }
             })
             .collect::<Result<_, String>>()?;
         Ok(Forwarder {
             connector: connector(ct),
-            ping: ct,
+            ping,
             http1,
             by_route,
         })
@@ -532,10 +551,10 @@ impl Forwarder {
     }
 
     /// How long an HTTP/2 upstream connection with requests waiting may stay silent before it
-    /// is pinged, and then how long the ping may go unanswered before the connection is
-    /// closed: `upstream_connect_timeout`. Without it a blackholed connection (a vanished
-    /// node, a dropped NAT entry) held every request sent on it until TCP gave up, about 15
-    /// minutes; a busy connection is never pinged (hyper pings after a silence only).
+    /// is pinged (`upstream_ping_interval`); unanswered for [`ping_timeout`], the connection
+    /// is closed. Without it a blackholed connection (a vanished node, a dropped NAT entry)
+    /// held every request sent on it until TCP gave up, about 15 minutes; a busy connection
+    /// is never pinged (hyper pings after a silence only).
     pub(crate) fn ping(&self) -> Duration {
         self.ping
     }

@@ -389,7 +389,7 @@ async fn a_blackholed_h2c_upstream_connection_is_found_by_a_ping_and_replaced() 
     // The route's timeout is far off: a request held by the dead connection until then
     // would be a 504.
     let gw = Gateway::start_with(
-        "limits:\n  upstream_connect_timeout: 1s\n",
+        "limits:\n  upstream_ping_interval: 1s\n",
         &route(
             "api",
             "/api/",
@@ -405,7 +405,7 @@ async fn a_blackholed_h2c_upstream_connection_is_found_by_a_ping_and_replaced() 
         [200]
     );
     epoch.fetch_add(1, Ordering::SeqCst);
-    // Silent for upstream_connect_timeout with a request waiting: pinged; unanswered for as
+    // Silent for upstream_ping_interval with a request waiting: pinged; unanswered for as
     // long again: closed. The request it held may have been acted on, so it is not resent.
     assert_eq!(
         statuses(&h2_burst(&send, 1, Duration::ZERO, None).await),
