@@ -224,15 +224,24 @@ fn worker(
             let slot = match permit.take() {
                 Some(p) => p,
                 None => tokio::select! {
-                    p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    biased;
+                    _ = stop.changed() => break,
+                    // Handed-over connections are already accepted: they go first.
                     Some(h) = inbox.recv() => {
                         take_over(&shared, h);
                         continue;
                     }
-                    _ = stop.changed() => break,
+                    p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 },
             };
             let (stream, peer) = tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                Some(h) = inbox.recv() => {
+                    take_over(&shared, h);
+                    permit = Some(slot);
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -249,12 +258,6 @@ fn worker(
                         continue;
                     }
                 },
-                Some(h) = inbox.recv() => {
-                    take_over(&shared, h);
-                    permit = Some(slot);
-                    continue;
-                }
-                _ = stop.changed() => break,
             };
             let _ = stream.set_nodelay(true);
             // A peer that vanishes without a FIN (a pulled cable, a NAT that forgot it) is
@@ -289,6 +292,12 @@ fn worker(
             tokio::spawn(connection(shared.clone(), stream, peer, hold));
         }
         drop(listener);
+        // Nothing more can be handed here; what already was is served like any connection
+        // accepted before the stop, not left holding a slot until the grace period ends.
+        inbox.close();
+        while let Ok(h) = inbox.try_recv() {
+            take_over(&shared, h);
+        }
         sweeper.abort();
         trimmer.abort();
         // Drain: in-flight requests (and upgraded connections, which hold a slot) on this
