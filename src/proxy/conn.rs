@@ -38,8 +38,8 @@ impl Loads {
     pub(crate) fn pick(&self, me: usize) -> usize {
         let mine = self.count(me);
         let (mut best, mut least) = (me, mine);
-        for w in 0..self.open.len() {
-            let n = self.count(w);
+        for (w, n) in self.open.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
             if n < least && n + 1 < mine {
                 (best, least) = (w, n);
             }

@@ -264,32 +264,19 @@ fn worker(
             // found by keepalive probes; an upgraded tunnel has no other idle limit.
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&DOWNSTREAM_KEEPALIVE);
             let to = shared.loads.pick(me);
-            let mut hold = ConnHold::new(
+            let hold = ConnHold::new(
                 slot,
                 &shared.gateway.metrics.active_connections,
                 &shared.loads,
                 to,
             );
-            let stream = if to == me {
-                stream
-            } else {
-                match hand_over(&shared, to, stream, peer, hold) {
-                    None => continue,
-                    // That worker has stopped: serve it here.
-                    Some(back) => {
-                        hold = back.hold;
-                        hold.reseat(me);
-                        match tokio::net::TcpStream::from_std(back.stream) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                tracing::debug!(error = %e, %peer, "cannot take a connection back");
-                                continue;
-                            }
-                        }
-                    }
-                }
-            };
-            tokio::spawn(connection(shared.clone(), stream, peer, hold));
+            if to == me {
+                tokio::spawn(connection(shared.clone(), stream, peer, hold));
+            } else if let Some(mut back) = hand_over(&shared, to, stream, peer, hold) {
+                // That worker has stopped: serve it here.
+                back.hold.reseat(me);
+                take_over(&shared, back);
+            }
         }
         drop(listener);
         // Nothing more can be handed here; what already was is served like any connection
@@ -338,7 +325,8 @@ fn hand_over(
     }
 }
 
-/// Serves a connection another worker accepted for this one.
+/// Serves a connection another worker accepted for this one (or one this worker could not
+/// hand over).
 fn take_over(shared: &Shared, h: Handoff) {
     match tokio::net::TcpStream::from_std(h.stream) {
         Ok(stream) => {

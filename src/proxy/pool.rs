@@ -334,12 +334,17 @@ pub(crate) async fn connect(
 
 /// True for a request that may be sent twice: no body, and a method that is idempotent.
 fn resendable(req: &Request<RequestBody>) -> bool {
+    req.body().is_end_stream() && idempotent(req.method())
+}
+
+/// True for the idempotent methods (RFC 9110 9.2.2) that a request the upstream may have
+/// seen is sent again with.
+pub(crate) fn idempotent(method: &http::Method) -> bool {
     use http::Method;
-    req.body().is_end_stream()
-        && matches!(
-            *req.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-        )
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
 }
 
 /// A copy of a bodyless request, for sending it again.

@@ -54,15 +54,6 @@ fn dropped_unsent(err: &SendError) -> bool {
             && !std::error::Error::source(e).is_some_and(|c| c.to_string().contains("panicked")))
 }
 
-/// True for methods RFC 9110 9.2.2 makes safe to send twice.
-fn idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// How many times a request an HTTP/2 upstream did not process is sent again.
 const RESENDS: usize = 4;
 
@@ -77,7 +68,7 @@ where
     Fut: Future<Output = Result<Response<UpstreamBody>, SendError>>,
 {
     let bodyless = req.body().is_end_stream();
-    let idempotent = idempotent(req.method());
+    let idempotent = pool::idempotent(req.method());
     let mut left = RESENDS;
     let mut head = pool::head_of(&req);
     let mut back = (!bodyless).then(|| keep(&mut req));
